@@ -1,0 +1,20 @@
+"""mistral_fn: Mistral-7B as pure functions over a parameter pytree."""
+
+import os
+
+# torch_npu without CANN breaks `import torch` through backend autoloading; mistral_fn.device
+# imports torch_npu explicitly when an NPU is wanted, so autoloading is off unless the user says so.
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+
+from mistral_fn.config import PRESETS, MistralConfig  # noqa: E402
+from mistral_fn.errors import CheckpointError, ConfigError, InputError, MistralFnError  # noqa: E402
+from mistral_fn.loss import loss_fn, token_losses  # noqa: E402
+from mistral_fn.model import forward, hidden_states, output_logits  # noqa: E402
+from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel  # noqa: E402
+from mistral_fn.params import count_params, init_params, param_shapes  # noqa: E402
+
+__all__ = [
+    "MistralConfig", "PRESETS", "init_params", "param_shapes", "count_params", "forward", "hidden_states",
+    "output_logits", "loss_fn", "token_losses", "TensorParallel", "SINGLE_DEVICE",
+    "MistralFnError", "ConfigError", "CheckpointError", "InputError",
+]

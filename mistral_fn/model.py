@@ -1,0 +1,119 @@
+"""The Mistral decoder as pure functions over the parameter pytree (see `params.py` for the layout).
+
+Every function takes what it uses as arguments and returns new tensors. Tensor parallelism enters
+only through the `tp` argument (`parallel.TensorParallel`): the same code runs on full weights
+(`tp=SINGLE_DEVICE`, no collective) or on one rank's Megatron shards, where head counts, the ffn
+width and the vocab slice are read from the local weight shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mistral_fn import kernels
+from mistral_fn.config import MistralConfig
+from mistral_fn.errors import InputError
+from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin `[B, T, 1, head_dim]` for integer `positions` `[B, T]` (float32 math, cast to `dtype`)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim)
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def embed(table: torch.Tensor, tokens: torch.Tensor, tp: TensorParallel = SINGLE_DEVICE) -> torch.Tensor:
+    """Token embedding `[B, T, D]`. Under TP, `table` holds rows `[rank*n, (rank+1)*n)` of the vocab."""
+    if tp.size == 1:
+        return F.embedding(tokens, table)
+    rows = table.shape[0]
+    local = tokens - tp.rank * rows
+    outside = (local < 0) | (local >= rows)
+    out = F.embedding(local.masked_fill(outside, 0), table).masked_fill(outside[..., None], 0.0)
+    return tp.reduce_from(out)
+
+
+def qkv(p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
+    """Projected, rotated q `[B, T, h, hd]` and k, v `[B, T, kv, hd]` (local head counts under TP)."""
+    B, T, _ = x.shape
+    q = F.linear(x, p["wq"]).view(B, T, -1, head_dim)
+    k = F.linear(x, p["wk"]).view(B, T, -1, head_dim)
+    v = F.linear(x, p["wv"]).view(B, T, -1, head_dim)
+    return kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin), v
+
+
+def self_attention(p, x, cos, sin, mask, config: MistralConfig, tp: TensorParallel = SINGLE_DEVICE):
+    """Attention sub-block on normalised `x` `[B, T, D]`; column-parallel q/k/v, row-parallel wo."""
+    x = tp.copy_to(x)
+    q, k, v = qkv(p, x, cos, sin, config.head_dim)
+    out = kernels.attention(q, k, v, mask, config.sliding_window)
+    return tp.reduce_from(F.linear(out.flatten(2), p["wo"]))
+
+
+def mlp(p: dict, x: torch.Tensor, tp: TensorParallel = SINGLE_DEVICE) -> torch.Tensor:
+    """SwiGLU MLP: `w_down(silu(w_gate x) * w_up x)`; column-parallel gate/up, row-parallel down."""
+    x = tp.copy_to(x)
+    return tp.reduce_from(F.linear(kernels.swiglu(F.linear(x, p["w_gate"]), F.linear(x, p["w_up"])), p["w_down"]))
+
+
+def block(p, h, cos, sin, mask, config: MistralConfig, tp: TensorParallel = SINGLE_DEVICE):
+    """One pre-norm decoder layer."""
+    h = h + self_attention(p["attn"], kernels.rms_norm(h, p["attn_norm"], config.norm_eps), cos, sin, mask, config, tp)
+    return h + mlp(p["mlp"], kernels.rms_norm(h, p["mlp_norm"], config.norm_eps), tp)
+
+
+def check_tokens(tokens: torch.Tensor, config: MistralConfig) -> None:
+    """Raise `InputError` unless `tokens` is an integer `[B, T]` tensor of ids in `[0, vocab_size)`."""
+    if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"tokens must be an int64 tensor [batch, seq], got {tokens.dtype} {tuple(tokens.shape)}")
+    if tokens.device.type == "meta" or tokens.numel() == 0:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= config.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise InputError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
+
+
+def attention_inputs(positions: torch.Tensor | None, batch: int, seq: int, config: MistralConfig, device, dtype):
+    """(cos, sin, mask) for self-attention over `seq` tokens at `positions` (`[T]` or `[B, T]`;
+    default `0..T-1`). The mask is None for the default positions (the kernels use causal fast paths)."""
+    if positions is None:
+        positions, mask = torch.arange(seq, device=device), None
+    else:
+        mask = kernels.band_mask(positions, config.sliding_window)
+        mask = mask.expand(batch, seq, seq)[:, None] if mask.dim() == 2 else mask[:, None]
+    positions = positions.expand(batch, seq) if positions.dim() == 1 else positions
+    cos, sin = rope_tables(positions, config.head_dim, config.rope_theta, dtype)
+    return cos, sin, mask
+
+
+def hidden_states(params, tokens, config: MistralConfig, *, positions=None, tp: TensorParallel = SINGLE_DEVICE):
+    """Final-normed hidden states `[B, T, D]` in the params' dtype."""
+    check_tokens(tokens, config)
+    h = embed(params["embed"], tokens, tp)
+    cos, sin, mask = attention_inputs(positions, *tokens.shape, config, tokens.device, h.dtype)
+    for layer in params["layers"]:
+        h = block(layer, h, cos, sin, mask, config, tp)
+    return kernels.rms_norm(h, params["norm"], config.norm_eps)
+
+
+def output_logits(params, h: torch.Tensor, config: MistralConfig, tp: TensorParallel = SINGLE_DEVICE) -> torch.Tensor:
+    """float32 logits `[B, T, V_local]` over this rank's vocab slice; padded vocab columns are -inf."""
+    head = params["output"]
+    logits = F.linear(tp.copy_to(h), head).float()
+    start = tp.rank * head.shape[0]
+    if start + head.shape[0] > config.vocab_size:
+        padded = torch.arange(start, start + head.shape[0], device=logits.device) >= config.vocab_size
+        logits = logits.masked_fill(padded, float("-inf"))
+    return logits
+
+
+def forward(params, tokens, config: MistralConfig, *, positions=None, tp: TensorParallel = SINGLE_DEVICE) -> torch.Tensor:
+    """tokens `[B, T]` int64 -> float32 logits `[B, T, V]` (`[B, T, V_padded/tp]` on a TP rank).
+
+    `positions` (`[T]` or `[B, T]`, default `0..T-1`) set the rotary phases and the causal/window mask.
+    """
+    return output_logits(params, hidden_states(params, tokens, config, positions=positions, tp=tp), config, tp)
