@@ -33,13 +33,13 @@ class MistralConfig:
     eos_id: int = 2
 
     def __post_init__(self):
-        if self.head_dim is None:
-            if self.n_heads > 0 and self.dim % self.n_heads:
-                raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim explicitly")
-            object.__setattr__(self, "head_dim", self.dim // max(self.n_heads, 1))
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim", "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if name == "head_dim" and value is None:
+                if self.dim % self.n_heads:
+                    raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim explicitly")
+                object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+            elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
@@ -117,6 +117,9 @@ class MistralConfig:
             raise ConfigError(f"{source}: tie_word_embeddings=true is not supported (Mistral has an untied head)")
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported; expected 'silu'")
+        missing = [key for key in _HF_REQUIRED if hf.get(key) is None]
+        if missing:
+            raise ConfigError(f"{source}: missing required key {missing[0]!r}")
         try:
             return cls(
                 vocab_size=hf["vocab_size"],
@@ -130,11 +133,9 @@ class MistralConfig:
                 rope_theta=float(theta),
                 sliding_window=hf.get("sliding_window"),
                 max_seq_len=hf.get("max_position_embeddings", 32768),
-                bos_id=hf.get("bos_token_id", 1) if hf.get("bos_token_id") is not None else 1,
-                eos_id=_first(hf.get("eos_token_id", 2)),
+                bos_id=_first(hf.get("bos_token_id"), 1),
+                eos_id=_first(hf.get("eos_token_id"), 2),
             )
-        except KeyError as e:
-            raise ConfigError(f"{source}: missing required key {e.args[0]!r}") from None
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
 
@@ -168,8 +169,14 @@ class MistralConfig:
         return hf
 
 
-def _first(value):
-    return value[0] if isinstance(value, (list, tuple)) else value
+_HF_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def _first(value, default: int) -> int:
+    """An HF token id field: an int, a list of ints (the first is used), or null (`default`)."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return default if value is None else value
 
 
 PRESETS: dict[str, MistralConfig] = {

@@ -1,0 +1,186 @@
+"""HuggingFace Mistral checkpoints (`config.json` + safetensors, single or sharded with an index)
+to and from the parameter pytree, by name mapping alone (transformers is never imported).
+
+Loading streams one tensor at a time from `safe_open`; saving writes bounded shards, the index,
+`config.json` and `generation_config.json` into a temporary directory renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from checkpoints.atomic import atomic_dir
+from mistral_fn.config import MistralConfig
+from mistral_fn.errors import CheckpointError
+from mistral_fn.params import leaves_with_paths, map_with_path, param_shapes
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' "5GB"
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffers some old exports carry
+
+# Per-layer leaves in transformers' state_dict order (self_attn, mlp, then the two norms).
+LAYER_NAMES = {
+    "attn/wq": "self_attn.q_proj.weight",
+    "attn/wk": "self_attn.k_proj.weight",
+    "attn/wv": "self_attn.v_proj.weight",
+    "attn/wo": "self_attn.o_proj.weight",
+    "mlp/w_gate": "mlp.gate_proj.weight",
+    "mlp/w_up": "mlp.up_proj.weight",
+    "mlp/w_down": "mlp.down_proj.weight",
+    "attn_norm": "input_layernorm.weight",
+    "mlp_norm": "post_attention_layernorm.weight",
+}
+TOP_NAMES = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "output": "lm_head.weight"}
+
+
+def hf_names(config: MistralConfig) -> dict[str, str]:
+    """`{pytree path: HF tensor name}` for every leaf, in HF module (and shard-filling) order."""
+    names = {"embed": TOP_NAMES["embed"]}
+    for i in range(config.n_layers):
+        names.update({f"layers/{i}/{leaf}": f"model.layers.{i}.{hf}" for leaf, hf in LAYER_NAMES.items()})
+    names.update({"norm": TOP_NAMES["norm"], "output": TOP_NAMES["output"]})
+    return names
+
+
+def weight_map(hf_dir: str | os.PathLike) -> dict[str, Path]:
+    """`{HF tensor name: safetensors file}` from the index, or every tensor of `model.safetensors`."""
+    hf_dir = Path(hf_dir)
+    index = hf_dir / INDEX_FILE
+    if index.exists():
+        try:
+            entries = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = {name: hf_dir / fname for name, fname in entries.items()}
+        for f in sorted(set(files.values())):
+            if not f.exists():
+                raise CheckpointError(f"{f}: shard listed in {INDEX_FILE} is missing")
+        return files
+    single = hf_dir / SINGLE_FILE
+    if single.exists():
+        with _open(single) as f:
+            return {name: single for name in f.keys()}
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"{hf_dir}: no such HF model directory")
+    raise CheckpointError(f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)")
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def load_hf(hf_dir: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu"):
+    """Read an HF Mistral directory into `(config, params)`.
+
+    Tensors are checked against the config's shapes before they are read, converted to `dtype`
+    (default: as stored) and moved to `device` one at a time.
+    """
+    config = MistralConfig.from_hf(hf_dir)
+    files = weight_map(hf_dir)
+    expected = {hf: path for path, hf in hf_names(config).items()}
+    shapes = dict(leaves_with_paths(param_shapes(config), is_leaf=lambda x: isinstance(x, tuple)))
+    missing = [name for name in expected if name not in files]
+    if missing:
+        raise CheckpointError(f"{hf_dir}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = [n for n in files if n not in expected and not n.endswith(IGNORED_SUFFIXES)]
+    if unexpected:
+        raise CheckpointError(f"{hf_dir}: unexpected tensor {unexpected[0]} for a Mistral checkpoint")
+    loaded: dict[str, torch.Tensor] = {}
+    for path_ in sorted(set(files[n] for n in expected)):
+        with _open(path_) as f:
+            for name in f.keys():
+                if name not in expected:
+                    continue
+                leaf = expected[name]
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != shapes[leaf]:
+                    raise CheckpointError(f"{path_}: tensor {name} has shape {list(shape)}, expected {list(shapes[leaf])}")
+                try:
+                    tensor = f.get_tensor(name)
+                except (SafetensorError, OSError, RuntimeError) as e:
+                    raise CheckpointError(f"{path_}: cannot read tensor {name} ({e})") from None
+                loaded[leaf] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    absent = [expected[n] for n in expected if expected[n] not in loaded]
+    if absent:
+        raise CheckpointError(f"{hf_dir}: tensor {hf_names(config)[absent[0]]} is listed in the index but not in its file")
+    params = map_with_path(lambda path, _: loaded.pop(path), param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+    return config, params
+
+
+def save_hf(
+    out_dir: str | os.PathLike,
+    config: MistralConfig,
+    params,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    tokenizer: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write an HF directory loadable by `MistralForCausalLM.from_pretrained`, atomically.
+
+    Shards fill greedily in module order up to `max_shard_bytes`; one shard is `model.safetensors`
+    (no index). `tokenizer` is a directory whose tokenizer files are copied, or a `tokenizer.model`.
+    """
+    names = hf_names(config)
+    leaves = dict(leaves_with_paths(params))
+    if set(leaves) != set(names):
+        diff = sorted(set(names) ^ set(leaves))
+        raise CheckpointError(f"params do not match the config: leaf {diff[0]} is missing or extra")
+    shards: list[list[str]] = [[]]
+    size = 0
+    for path in names:
+        nbytes = leaves[path].numel() * (dtype.itemsize if dtype else leaves[path].element_size())
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(path)
+        size += nbytes
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        weight_index, total = {}, 0
+        for i, shard in enumerate(shards):
+            fname = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {names[p]: leaves[p].detach().to(device="cpu", dtype=dtype or leaves[p].dtype).contiguous() for p in shard}
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            weight_index.update({name: fname for name in tensors})
+            del tensors
+        if len(shards) > 1:
+            _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_index})
+        stored = dtype or leaves["embed"].dtype
+        _write_json(tmp / "config.json", config.to_hf(dtype=str(stored).removeprefix("torch.")))
+        _write_json(tmp / "generation_config.json", {"bos_token_id": config.bos_id, "eos_token_id": config.eos_id})
+        if tokenizer is not None:
+            copy_tokenizer_files(tokenizer, tmp)
+    return out_dir
+
+
+def copy_tokenizer_files(source: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files found in `source` (a directory, or a `tokenizer.model` file) to `dest`."""
+    source, dest = Path(source), Path(dest)
+    if source.is_file():
+        shutil.copyfile(source, dest / "tokenizer.model")
+        return ["tokenizer.model"]
+    copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    if not copied:
+        raise CheckpointError(f"{source}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) to copy")
+    for name in copied:
+        shutil.copyfile(source / name, dest / name)
+    return copied
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
