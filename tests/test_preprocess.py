@@ -102,8 +102,8 @@ def test_json_array_directory_and_glob(tok, tmp_path):
 
 
 def bad_jsonl(path):
-    lines = [json.dumps({"text": "fine row"}).encode(), json.dumps({"title": "no text key"}).encode(),
-             json.dumps({"text": "  "}).encode(), b'{"text": "bad \xff byte"}', json.dumps({"text": "ok again"}).encode()]
+    lines = [json.dumps(row).encode() for row in ({"text": "fine row"}, {"title": "no text key"}, {"text": "  "})]
+    lines += [b'{"text": "bad \xff byte"}', json.dumps({"text": "ok again"}).encode()]
     path.write_bytes(b"\n".join(lines) + b"\n")
 
 
