@@ -14,6 +14,7 @@ import pytest
 from experiments.preprocess_data import PreprocessConfig, run
 from mistral_fn.data.handlers import InstructionHandler, PretrainHandler
 from mistral_fn.data.indexed import IndexedDataset
+from mistral_fn.data.sources import find_inputs, iter_rows
 from mistral_fn.errors import InputError
 from mistral_fn.tokenizer import ALPACA_SYSTEM, load_tokenizer
 
@@ -99,6 +100,20 @@ def test_json_array_directory_and_glob(tok, tmp_path):
     assert read_docs(tmp_path / "dir_text_document") == [[1] + tok.encode(t) for t in texts()[:9]]
     preprocess(tok, src / "*.jsonl", tmp_path / "glob", PretrainHandler())
     assert len(read_docs(tmp_path / "glob_text_document")) == 4
+
+
+def test_parquet_rows_stream_requested_columns(tmp_path, monkeypatch):
+    write_parquet(tmp_path / "a.parquet", rows_per_group=5)
+    batches = []
+    original = pq.ParquetFile.iter_batches
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches",
+                        lambda self, **kw: (batches.append(b.num_rows) or b for b in original(self, **kw)))
+    rows = list(iter_rows([str(tmp_path / "a.parquet")], ["text", "absent"], batch_size=8))
+    assert [r for _, r in rows] == [{"text": t} for t in texts()]  # only requested columns, nulls dropped
+    assert rows[3][0] == f"{tmp_path / 'a.parquet'} row 3" and max(batches) <= 8 and sum(batches) == len(ROWS)
+    (tmp_path / "c.csv").write_text("text\nx\n")
+    with pytest.raises(InputError, match="c.csv: unsupported input format"):
+        find_inputs(str(tmp_path / "c.csv"))
 
 
 def bad_jsonl(path):
