@@ -2,6 +2,7 @@
 and the process-group collectives the model takes as its `tp` argument."""
 
 from sharding.collectives import GroupTP
+from sharding.describe import describe, layout
 from sharding.mesh import Mesh
 from sharding.rules import match, mistral_rules
 from sharding.shard import shard, unshard
@@ -10,5 +11,5 @@ from sharding.validate import validate_tp
 
 __all__ = [
     "Mesh", "GroupTP", "P", "PartitionSpec", "padded_vocab_size", "mistral_rules", "match", "shard", "unshard",
-    "validate_tp",
+    "validate_tp", "describe", "layout",
 ]

@@ -1,6 +1,9 @@
 """The Mistral rule table, `match`, `shard`/`unshard` and TP validation: deterministic, no processes."""
 
+import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +187,42 @@ def test_partition_spec_rejects_bad_specs():
         sh.P(None, None, unpadded=10)
     assert sh.P("tp", None) == sh.P("tp", None) and sh.P("tp", None) != sh.P(None, "tp")
     assert sh.P("tp", None, unpadded=5, divisible_by=2) != sh.P("tp", None)
+
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _golden_diff(expected: dict, actual: dict) -> list[str]:
+    lines = [f"{path}: missing" for path in expected if path not in actual]
+    lines += [f"{path}: unexpected leaf {actual[path]}" for path in actual if path not in expected]
+    for path in expected.keys() & actual.keys():
+        for key in expected[path].keys() | actual[path].keys():
+            if expected[path].get(key) != actual[path].get(key):
+                lines.append(f"{path}: {key} expected {expected[path].get(key)}, got {actual[path].get(key)}")
+    return sorted(lines)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_7b_layout_matches_golden_dump(tp):
+    """Regenerate with MISTRAL_FN_UPDATE_GOLDEN=1 after an intended change, and review the git diff."""
+    cfg = mf.MistralConfig.mistral_7b_instruct_v0_2()
+    actual = sh.layout(mf.init_params(cfg, dtype=torch.bfloat16, device="meta"), sh.mistral_rules(cfg), {"tp": tp})
+    path = GOLDEN / f"sharding_7b_tp{tp}.json"
+    if os.environ.get("MISTRAL_FN_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        rows = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in actual.items())
+        path.write_text("{\n" + rows + "\n}\n")
+    expected = json.loads(path.read_text())
+    diff = _golden_diff(expected, actual)
+    assert not diff, f"{path.name} differs in {len(diff)} places:\n" + "\n".join(diff[:40])
+    assert list(expected) == list(actual), "leaf order differs from the golden dump"
+
+
+def test_describe_prints_every_leaf_and_bytes_per_rank(capsys):
+    cfg = mf.MistralConfig.mistral_7b_instruct_v0_2()
+    sh.describe(mf.init_params(cfg, dtype=torch.bfloat16, device="meta"), sh.mistral_rules(cfg), {"tp": 8})
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 + 291 + 1
+    assert re.fullmatch(r"layers/0/attn/wk +1024x4096 +P\('tp', None\) +128x4096 +1,048,576", out[4])
+    # 7,241,732,096 bf16 parameters over 8 ranks, plus 65 replicated norms' other 7/8.
+    assert out[-1] == "291 leaves on mesh {'tp': 8}: 1,810,898,944 bytes (1.69 GiB) per rank"
