@@ -1,8 +1,12 @@
 """Tensor-parallel forward, loss and gradients on 2 and 4 gloo processes equal one device; Mesh checks."""
 
 import os
+import re
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +141,27 @@ def test_mesh_errors_before_any_process_group(monkeypatch):
         sh.Mesh({"ep": 4}, device_type="cpu")
     with pytest.raises(ConfigError, match=r"mesh axis 'tp' must have a positive integer size, got 0"):
         sh.Mesh({"tp": 0}, device_type="cpu")
+
+
+def _experiment(*args: str) -> subprocess.CompletedProcess:
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_tp2_forward_greedy_tokens_match_tp1():
+    run = _experiment("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      "-m", "experiments.tp_forward", "--new_tokens=4")
+    assert run.returncode == 0, run.stderr[-3000:]
+    tp2 = re.search(r"^TP=2 greedy next tokens: (.*)$", run.stdout, re.M)
+    tp1 = re.search(r"^TP=1 greedy next tokens: (.*)$", run.stdout, re.M)
+    assert tp2 and tp1 and tp2.group(1) == tp1.group(1) and "TP=2 matches TP=1" in run.stdout, run.stdout
+
+
+def test_tp_forward_reports_a_bad_mesh_in_one_line():
+    run = _experiment("-m", "experiments.tp_forward", "--tp=2")
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == "error: mesh {'tp': 2} has 2 ranks but WORLD_SIZE=1"
+    run = _experiment("-m", "experiments.tp_forward", "--tp=4")
+    assert run.stderr.strip().splitlines()[-1] == "error: n_kv_heads=2 is not divisible by tensor-parallel size tp=4"
