@@ -179,5 +179,3 @@ def test_tp_forward_reports_a_bad_mesh_in_one_line():
     run = _experiment("-m", "experiments.tp_forward", "--tp=2")
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1] == "error: mesh {'tp': 2} has 2 ranks but WORLD_SIZE=1"
-    run = _experiment("-m", "experiments.tp_forward", "--tp=4")
-    assert run.stderr.strip().splitlines()[-1] == "error: n_kv_heads=2 is not divisible by tensor-parallel size tp=4"
