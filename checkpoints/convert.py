@@ -16,7 +16,7 @@ import torch
 
 from checkpoints.hf import TOKENIZER_FILES, save_hf
 from checkpoints.lazy import LazyTensor, lazy_hf, tree_stats
-from checkpoints.megatron import read_megatron, save_megatron
+from checkpoints.megatron import check_parallel, read_megatron, save_megatron
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import CheckpointError, ConfigError
 from mistral_fn.params import leaves_with_paths, map_with_path
@@ -64,6 +64,7 @@ def convert(loader: str, saver: str, load_dir, save_dir, *, tp: int = 1, pp: int
     else:
         config, _, params = read_megatron(load_dir, hf)
     if saver == "megatron":
+        check_parallel(config, tp, pp, make_vocab_size_divisible_by)
         tick = progress(tp * config.n_layers) if progress else None
         count, nbytes = save_megatron(out_dir, config, params, tp=tp, pp=pp, dtype=dtype,
                                       make_vocab_size_divisible_by=make_vocab_size_divisible_by,
@@ -87,7 +88,7 @@ def _tokenizer_source(reference: Path | None) -> Path | None:
 def _ticking(params, tick: Callable[[], None]):
     """`params` whose lazy leaves call `tick()` when the last leaf of a layer has been read."""
     left: dict[str, int] = {}
-    for path in _paths(params):
+    for path, _ in leaves_with_paths(params):
         if path.startswith("layers/"):
             layer = path.split("/", 2)[1]
             left[layer] = left.get(layer, 0) + 1
@@ -107,7 +108,3 @@ def _ticking(params, tick: Callable[[], None]):
         return LazyTensor(x.shape, x.dtype, read)
 
     return map_with_path(wrap, params)
-
-
-def _paths(tree) -> list[str]:
-    return [path for path, _ in leaves_with_paths(tree)]
