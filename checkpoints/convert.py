@@ -24,6 +24,9 @@ from mistral_fn.params import leaves_with_paths, map_with_path
 FORMATS = ("hf", "megatron")
 MG2HG = "mg2hg"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# HF output shard size: `save_hf` holds one shard in memory (twice, while safetensors serialises it),
+# so 1 GB shards keep HF writing near the one-layer bound (a Mistral-7B layer is 0.44 GB in bf16).
+HF_SHARD_BYTES = 10**9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +75,8 @@ def convert(loader: str, saver: str, load_dir, save_dir, *, tp: int = 1, pp: int
     else:
         tick = progress(config.n_layers) if progress else None
         save_hf(out_dir, config, _ticking(params, tick) if tick else params, dtype=dtype,
-                tokenizer=tokenizer or _tokenizer_source(reference), overwrite=overwrite)
+                max_shard_bytes=HF_SHARD_BYTES, tokenizer=tokenizer or _tokenizer_source(reference),
+                overwrite=overwrite)
         count, nbytes = tree_stats(params, dtype)
     return Summary(out_dir, count, nbytes, time.perf_counter() - start)
 
