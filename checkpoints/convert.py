@@ -54,6 +54,8 @@ def convert(loader: str, saver: str, load_dir, save_dir, *, tp: int = 1, pp: int
     for name, fmt in (("loader", loader), ("saver", saver)):
         if fmt not in FORMATS:
             raise ConfigError(f"--{name}={fmt!r}: expected one of {', '.join(FORMATS)}")
+    if hf_config is not None and loader != "megatron":
+        raise ConfigError("--hf_config describes a Megatron input; an HF input has its own config.json")
     start = time.perf_counter()
     out_dir = Path(save_dir)
     reference = Path(hf_config) if hf_config is not None else None

@@ -44,20 +44,9 @@ class LazyTensor:
         return self.read()
 
 
-def is_lazy(x) -> bool:
-    return isinstance(x, LazyTensor)
-
-
 def materialize(tree):
     """The tree with every `LazyTensor` read (tensors pass through)."""
-    return tree_map(lambda x: x.load() if is_lazy(x) else x, tree)
-
-
-def cast_lazy(tree, dtype: torch.dtype | None):
-    """Every lazy leaf converted to `dtype` when read (None: unchanged)."""
-    if dtype is None:
-        return tree
-    return tree_map(lambda x: LazyTensor(x.shape, dtype, lambda: x.load().to(dtype)), tree)
+    return tree_map(lambda x: x.load() if isinstance(x, LazyTensor) else x, tree)
 
 
 def lazy_hf(hf_dir: str | os.PathLike) -> tuple[MistralConfig, dict]:

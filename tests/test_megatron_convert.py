@@ -190,6 +190,10 @@ def test_heads_not_divisible_by_target_tp(hf_dir, tmp_path):
     _fails(tmp_path, "n_layers=4 is not divisible by pipeline-parallel size pp=3", "hf", "megatron", hf_dir, pp=3)
 
 
+def test_hf_config_is_for_megatron_input_only(hf_dir, tmp_path):
+    _fails(tmp_path, "--hf_config describes a Megatron input", "hf", "megatron", hf_dir, hf_config=hf_dir)
+
+
 @pytest.fixture
 def mg_dir(hf_dir, tmp_path):
     convert("hf", "megatron", hf_dir, tmp_path / "mg", tp=2, pp=2)
