@@ -16,7 +16,7 @@ import torch
 
 from checkpoints.hf import TOKENIZER_FILES, save_hf
 from checkpoints.lazy import LazyTensor, lazy_hf, tree_stats
-from checkpoints.megatron import check_parallel, read_megatron, save_megatron
+from checkpoints.megatron import CONVERTER_ITERATION, check_parallel, read_megatron, save_megatron
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import CheckpointError, ConfigError
 from mistral_fn.params import leaves_with_paths, map_with_path
@@ -65,15 +65,16 @@ def convert(loader: str, saver: str, load_dir, save_dir, *, tp: int = 1, pp: int
         raise CheckpointError(f"{out_dir}: already exists; pass --overwrite to replace it")
     hf = MistralConfig.from_hf(reference) if reference is not None else None
     if loader == "hf":
-        config, params = lazy_hf(load_dir)
+        (config, params), iteration = lazy_hf(load_dir), CONVERTER_ITERATION
     else:
-        config, _, params = read_megatron(load_dir, hf)
+        config, source, params = read_megatron(load_dir, hf)
+        iteration = source.iteration
     if saver == "megatron":
         check_parallel(config, tp, pp, make_vocab_size_divisible_by)
         tick = progress(tp * config.n_layers) if progress else None
         count, nbytes = save_megatron(out_dir, config, params, tp=tp, pp=pp, dtype=dtype,
                                       make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                                      overwrite=overwrite, on_layer=tick)
+                                      iteration=iteration, overwrite=overwrite, on_layer=tick)
     else:
         tick = progress(config.n_layers) if progress else None
         save_hf(out_dir, config, _ticking(params, tick) if tick else params, dtype=dtype,

@@ -284,9 +284,13 @@ def _location(path: str, config: MistralConfig, pp: int) -> tuple[int, tuple[str
 # ---- writing ---------------------------------------------------------------------------------------
 
 def save_megatron(out_dir: str | os.PathLike, config: MistralConfig, params, *, tp: int, pp: int,
-                  dtype: torch.dtype | None = None, make_vocab_size_divisible_by: int = 1, overwrite: bool = False,
+                  dtype: torch.dtype | None = None, make_vocab_size_divisible_by: int = 1,
+                  iteration: int | str = CONVERTER_ITERATION, overwrite: bool = False,
                   on_layer: Callable[[], None] | None = None) -> tuple[int, int]:
-    """Write `params` (tensors or lazy) as a ModelLink checkpoint at iteration 1; return (tensors, bytes).
+    """Write `params` (tensors or lazy) as a ModelLink checkpoint; return (tensors, bytes).
+
+    `iteration` is 1 for a conversion from HF (as ModelLink writes); a re-shard keeps the source's
+    (an int, or "release": the `release/` directory, stored iteration 0).
 
     Ranks are written one at a time, each reading its stage's layers one by one, so memory holds one
     rank's state plus one full layer. Atomic: nothing is left at `out_dir` unless every file is written.
@@ -301,14 +305,15 @@ def save_megatron(out_dir: str | os.PathLike, config: MistralConfig, params, *, 
         for p in range(pp):
             for t in range(tp):
                 model = rank_model(params, specs, config, tp, pp, t, p, dtype, on_layer)
-                file = tmp / iteration_dirname(CONVERTER_ITERATION) / rank_dirname(t, p, pp) / RANK_FILE
+                file = tmp / iteration_dirname(iteration) / rank_dirname(t, p, pp) / RANK_FILE
                 file.parent.mkdir(parents=True)
-                save_pt({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": CONVERTER_ITERATION,
+                save_pt({"args": args, "checkpoint_version": CHECKPOINT_VERSION,
+                         "iteration": 0 if iteration == "release" else iteration,
                          "model": model, "num_floating_point_operations_so_far": 0}, file)
                 tensors = [x for _, x in leaves_with_paths(model)]
                 count, nbytes = count + len(tensors), nbytes + sum(x.numel() * x.element_size() for x in tensors)
                 del model, tensors
-        (tmp / TRACKER).write_text(str(CONVERTER_ITERATION), encoding="ascii")
+        (tmp / TRACKER).write_text(str(iteration), encoding="ascii")
     return count, nbytes
 
 
