@@ -25,14 +25,14 @@ SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LazyTensor:
-    """A tensor of `shape` and `dtype` produced by `read()` on demand (each call reads it again)."""
+    """A tensor of `shape` and `dtype` that `reader()` produces on demand (each `load` reads it again)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    read: Callable[[], torch.Tensor]
+    reader: Callable[[], torch.Tensor]
 
     def load(self) -> torch.Tensor:
-        return self.read()
+        return self.reader()
 
     def numel(self) -> int:
         return int(torch.Size(self.shape).numel())
@@ -41,7 +41,8 @@ class LazyTensor:
         return self.dtype.itemsize
 
     def detach(self) -> torch.Tensor:
-        return self.read()
+        """`load()`: how `save_hf` takes a leaf's data."""
+        return self.reader()
 
 
 def materialize(tree):
