@@ -207,7 +207,7 @@ def test_streaming_yields_the_same_tokens():
 
 def test_stream_text_concatenates_to_decode():
     tokenizer = load_tokenizer()
-    ids = tokenizer.encode("Größe: 3 € — naïve café 😀 ok")
+    ids = tokenizer.encode("Größe: 3 € — naïve café 😀 ok 㐀 end")  # 㐀 is three byte-fallback tokens
     pieces = list(stream_text(tokenizer, ids))
     assert "".join(pieces) == tokenizer.decode(ids)
     assert len(pieces) > 5 and all("\ufffd" not in p for p in pieces)
