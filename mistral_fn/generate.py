@@ -47,8 +47,10 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tupl
 
 
 def full_vocab_logits(params, h: torch.Tensor, config: MistralConfig, tp: TensorParallel) -> torch.Tensor:
-    """float32 logits `[B, V]` over the whole vocabulary for hidden states `[B, D]` (gathered under TP)."""
-    return tp.all_gather(output_logits(params, h[:, None], config, tp)[:, 0], -1)[:, :config.vocab_size]
+    """float32 logits `[B, V]` over the whole vocabulary for the last hidden states of `h` `[B, T, D]`
+    (gathered under TP). The slice is made contiguous: a strided input takes a slow batched-matmul path."""
+    logits = output_logits(params, h[:, -1:].contiguous(), config, tp)[:, 0]
+    return tp.all_gather(logits, -1)[:, :config.vocab_size]
 
 
 def prefill(params, tokens, config: MistralConfig, cache, positions, *, chunk: int = DEFAULT_PREFILL_CHUNK,
@@ -58,7 +60,7 @@ def prefill(params, tokens, config: MistralConfig, cache, positions, *, chunk: i
     for start in range(0, tokens.shape[1], chunk):
         cols = slice(start, start + chunk)
         h, cache = hidden_states_with_cache(params, tokens[:, cols], config, cache, positions[:, cols], tp=tp)
-    return full_vocab_logits(params, h[:, -1], config, tp), cache
+    return full_vocab_logits(params, h, config, tp), cache
 
 
 def next_token_logits(params, prompts: Sequence[Sequence[int]], config: MistralConfig, *,
@@ -121,7 +123,7 @@ def generate_stream(params, prompts: Sequence[Sequence[int]], config: MistralCon
             seen.scatter_(1, next_ids[:, None], True)
         position = position + 1
         h, cache = hidden_states_with_cache(params, next_ids[:, None], config, cache, position, tp=tp)
-        logits = full_vocab_logits(params, h[:, -1], config, tp)
+        logits = full_vocab_logits(params, h, config, tp)
 
 
 def generate(params, prompts: Sequence[Sequence[int]], config: MistralConfig, *, max_new_tokens: int,
