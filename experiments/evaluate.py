@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint on MMLU and write per-question predictions and accuracies as JSON.
+"""Evaluate a checkpoint on MMLU and write per-question predictions and accuracies as JSON. Under
+`torchrun` the model is tensor-parallel over all processes and rank 0 reports.
 
     python -m experiments.evaluate --task=mmlu --data_path=mmlu/data/test --load=ckpt/hf \
         --protocol=modellink --num_fewshot=5 --results_path=results/mmlu.json --batch_size=8
@@ -13,7 +14,6 @@ from absl import app, flags
 from checkpoints import atomic_file
 from experiments.cli import main_guard
 from experiments.loading import load_model_and_tokenizer, parse_dtype
-from mistral_fn import device as mf_device
 from mistral_fn.errors import InputError
 from mistral_fn.evaluation import mmlu
 from mistral_fn.generate import next_token_logits
@@ -44,13 +44,15 @@ def main(argv):
     if _SHOTS.value < 0:
         raise InputError(f"--num_fewshot must be >= 0, got {_SHOTS.value}")
     test, dev = mmlu.load_mmlu(_DATA.value, _SHOTS.value)
-    device = mf_device.local_device(mf_device.device_type(_DEVICE.value or None))
-    config, params, tokenizer = load_model_and_tokenizer(_LOAD.value, _TOKENIZER.value, parse_dtype(_DTYPE.value),
-                                                         device)
+    config, params, tokenizer, mesh = load_model_and_tokenizer(_LOAD.value, _TOKENIZER.value,
+                                                               parse_dtype(_DTYPE.value), _DEVICE.value or None)
     results = mmlu.evaluate(
-        lambda prompts: next_token_logits(params, prompts, config), tokenizer, test, dev,
+        lambda prompts: next_token_logits(params, prompts, config, tp=mesh.tp), tokenizer, test, dev,
         protocol=_PROTOCOL.value, max_len=config.max_seq_len,
-        chat_template=None if _CHAT.value == "none" else _CHAT.value, batch_size=_BATCH.value, progress=True)
+        chat_template=None if _CHAT.value == "none" else _CHAT.value, batch_size=_BATCH.value,
+        progress=mesh.rank == 0)
+    if mesh.rank != 0:
+        return
     results = {"task": "mmlu", "protocol": _PROTOCOL.value, "num_fewshot": _SHOTS.value, **results}
     for name, entry in results["subjects"].items():
         print(f"{name:<40} {entry['n']:>6} {entry['accuracy']:.4f}")

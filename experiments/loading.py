@@ -1,4 +1,5 @@
-"""Model + tokenizer loading shared by the inference scripts (generate, evaluate).
+"""Model + tokenizer loading shared by the inference scripts (generate, evaluate), on one device or,
+under `torchrun`, on a tensor-parallel mesh of all the processes (each keeps its Megatron shard).
 
 `load_any` is the one place that knows checkpoint formats: today an HF directory; the Megatron
 (ModelLink TP x PP) and native training formats plug in here when `checkpoints` provides them.
@@ -12,8 +13,10 @@ from pathlib import Path
 import torch
 
 import checkpoints
+import sharding
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import CheckpointError, InputError
+from mistral_fn.params import tree_map
 from mistral_fn.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,15 +42,21 @@ def load_any(path: str | os.PathLike, dtype: torch.dtype | None = None, device="
 
 
 def load_model_and_tokenizer(load: str, tokenizer_model: str = "", dtype: torch.dtype | None = None,
-                             device="cpu") -> tuple[MistralConfig, dict, Tokenizer]:
-    """Checkpoint and tokenizer (`tokenizer_model`, else the checkpoint's own `tokenizer.model`, else
-    the default Mistral v1 model), checked to agree on the vocabulary size."""
+                             device_type: str | None = None) -> tuple[MistralConfig, dict, Tokenizer, sharding.Mesh]:
+    """`(config, params, tokenizer, mesh)`: the checkpoint sharded over a `{"tp": WORLD_SIZE}` mesh (the
+    whole model when run without torchrun) on the mesh's device, and the tokenizer (`tokenizer_model`,
+    else the checkpoint's own `tokenizer.model`, else the default Mistral v1 model), checked to agree
+    with the checkpoint on the vocabulary size."""
     if not load:
         raise InputError("--load is required (a checkpoint directory)")
-    config, params = load_any(load, dtype=dtype, device=device)
+    mesh = sharding.Mesh({"tp": int(os.environ.get("WORLD_SIZE", "1"))}, device_type=device_type)
+    config, params = load_any(load, dtype=dtype)
     source = tokenizer_model or (load if (Path(load) / "tokenizer.model").is_file() else None)
     tokenizer = load_tokenizer(source)
     if tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(f"{load}: the checkpoint's vocabulary has {config.vocab_size} tokens but the tokenizer "
                               f"{tokenizer.model_file} has {tokenizer.vocab_size}")
-    return config, params, tokenizer
+    if mesh.size > 1:
+        sharding.validate_tp(config, mesh.size)
+        params = sharding.shard(params, sharding.match(params, sharding.mistral_rules(config)), mesh.shape, mesh.coords)
+    return config, tree_map(lambda x: x.to(mesh.device), params), tokenizer, mesh

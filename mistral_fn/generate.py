@@ -3,8 +3,8 @@
 Prompts are lists of token ids of any lengths. They are left-padded into one `[B, T]` matrix; row b's
 positions are `column - pad_b` (padding negative, never attended to), so every row computes exactly
 what it would alone. The prompt is prefilled in chunks, then one token per step is decoded. Under TP
-each rank's vocab-slice logits are all-gathered and every rank samples with the same seeded
-generator, so all ranks emit the same tokens.
+the vocab-slice logits of the ranks are combined (`full_vocab_logits`) and every rank samples with the same
+seeded generator, so all ranks emit the same tokens.
 """
 
 from __future__ import annotations
@@ -47,10 +47,19 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tupl
 
 
 def full_vocab_logits(params, h: torch.Tensor, config: MistralConfig, tp: TensorParallel) -> torch.Tensor:
-    """float32 logits `[B, V]` over the whole vocabulary for the last hidden states of `h` `[B, T, D]`
-    (gathered under TP). The slice is made contiguous: a strided input takes a slow batched-matmul path."""
+    """float32 logits `[B, V]` over the whole vocabulary for the last hidden states of `h` `[B, T, D]`.
+
+    Under TP each rank's vocab slice is placed at its offset in a zero `[B, V_padded]` tensor and the
+    tensors are summed over the group (every column has one owner, so the result is exact and the same
+    on every rank). The slice is made contiguous: a strided input takes a slow batched-matmul path.
+    """
     logits = output_logits(params, h[:, -1:].contiguous(), config, tp)[:, 0]
-    return tp.all_gather(logits, -1)[:, :config.vocab_size]
+    if tp.size > 1:
+        local = logits.shape[-1]
+        full = logits.new_zeros(logits.shape[0], local * tp.size)
+        full[:, tp.rank * local:(tp.rank + 1) * local] = logits
+        logits = tp.all_reduce(full)
+    return logits[:, :config.vocab_size]
 
 
 def prefill(params, tokens, config: MistralConfig, cache, positions, *, chunk: int = DEFAULT_PREFILL_CHUNK,

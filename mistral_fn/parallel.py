@@ -27,10 +27,6 @@ class TensorParallel(Protocol):
     def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Raw all-reduce (`op` in sum/max) of a tensor outside autograd; returns the reduced tensor."""
 
-    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """Concatenation along `dim` of every rank's `x` in rank order, outside autograd (e.g. the
-        vocab-slice logits of generation, so every rank samples from the same full distribution)."""
-
 
 class SingleDevice:
     """TP of size 1: every collective is the identity, nothing is communicated."""
@@ -45,9 +41,6 @@ class SingleDevice:
         return x
 
     def all_reduce(self, x, op="sum"):
-        return x
-
-    def all_gather(self, x, dim=-1):
         return x
 
 

@@ -1,14 +1,20 @@
 """KV cache, sampling and generation: cached decoding against uncached recompute and against
 transformers' `generate`, the ring buffer past the window, sampling filters, stops and streaming."""
 
+import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import checkpoints
 import mistral_fn as mf
+import sharding as sh
 from mistral_fn import kv_cache, sampling
 from mistral_fn.generate import generate, generate_stream, left_pad, next_token_logits, stream_text
 from mistral_fn.model import forward_with_cache
@@ -218,6 +224,48 @@ def test_stream_text_concatenates_to_decode():
 def test_bad_prompts(prompts, match):
     with pytest.raises(mf.InputError, match=match):
         generate(mf.init_params(SMALL), prompts, SMALL, max_new_tokens=10)
+
+
+# ---- tensor parallelism ------------------------------------------------------------------------
+
+# A vocab that needs Megatron padding (1001 -> 1008) and a window shorter than prompt + output.
+TP_CONFIG = mf.MistralConfig(vocab_size=1001, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
+                             sliding_window=5, max_seq_len=64)
+TP_PROMPTS = random_prompts([6, 9, 3], TP_CONFIG.vocab_size, seed=2)
+TP_SAMPLING = dict(temperature=0.9, top_k=50, top_p=0.9, seed=5)
+
+
+def _tp_worker(rank, port, out_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    mesh = sh.Mesh({"tp": 2}, device_type="cpu")
+    params = decisive_params(TP_CONFIG)
+    local = sh.shard(params, sh.match(params, sh.mistral_rules(TP_CONFIG, 8)), mesh.shape, mesh.coords)
+    greedy = generate(local, TP_PROMPTS, TP_CONFIG, max_new_tokens=12, stop_ids=(), prefill_chunk=4, tp=mesh.tp)
+    sampled = generate(local, TP_PROMPTS, TP_CONFIG, max_new_tokens=12, stop_ids=(), tp=mesh.tp, **TP_SAMPLING)
+    torch.save({"greedy": greedy, "sampled": sampled}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_tp2_generation_equals_one_device(tmp_path):
+    """2 gloo ranks on vocab-sharded logits: the same greedy tokens as TP=1, and the same sampled tokens
+    on both ranks."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_tp_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=max(deadline - time.monotonic(), 0.0)):  # True once every worker has exited
+        if time.monotonic() >= deadline:
+            for process in ctx.processes:
+                process.kill()
+            pytest.fail("TP workers did not finish within 120 s")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    params = decisive_params(TP_CONFIG)
+    assert ranks[0]["greedy"] == ranks[1]["greedy"] == generate(params, TP_PROMPTS, TP_CONFIG, max_new_tokens=12,
+                                                                stop_ids=())
+    assert ranks[0]["sampled"] == ranks[1]["sampled"]
 
 
 # ---- the CLI ----------------------------------------------------------------------------------------
