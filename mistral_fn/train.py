@@ -60,9 +60,8 @@ def init_train_state(params, optimizer: optim.GradientTransformation, *, master_
     """A fresh state. `master_dtype=torch.float32` keeps float32 master copies of bf16/fp16 params."""
     if master_dtype is not None:
         params = cast(params, master_dtype)
-    zero = torch.zeros((), dtype=torch.int64)
-    return TrainState(params, optimizer.init(params), zero, zero, zero, zero,
-                      loss_scale.init() if loss_scale else ())
+    counters = [torch.zeros((), dtype=torch.int64) for _ in range(4)]
+    return TrainState(params, optimizer.init(params), *counters, loss_scale.init() if loss_scale else ())
 
 
 def value_and_grad(fn: Callable[..., torch.Tensor]) -> Callable[..., tuple[torch.Tensor, Any]]:
