@@ -1,0 +1,54 @@
+"""The Mistral rule table (ordered `(regex over leaf paths, spec)` pairs) and `match`, which turns it into
+a tree of specs. A regex must match a whole path (`re.fullmatch`); every leaf matches exactly one rule.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from mistral_fn.config import MistralConfig
+from mistral_fn.errors import ConfigError
+from mistral_fn.params import map_with_path
+from sharding.spec import P, PartitionSpec
+
+Rules = Sequence[tuple[str, PartitionSpec]]
+
+
+def mistral_rules(config: MistralConfig, make_vocab_size_divisible_by: int = 1) -> list[tuple[str, PartitionSpec]]:
+    """Megatron's tensor-parallel split of the Mistral tree (weights are `[out, in]`):
+
+    column-parallel (split dim 0): wq, wk, wv, w_gate, w_up -- rank t owns query heads
+    `[t*H/tp, (t+1)*H/tp)`, kv heads `[t*KV/tp, (t+1)*KV/tp)` and ffn rows `[t*F/tp, (t+1)*F/tp)`;
+    row-parallel (split dim 1): wo, w_down; vocab-parallel rows, padded to a multiple of
+    `make_vocab_size_divisible_by * tp`: embed, output; replicated: the norms.
+    """
+    vocab = P("tp", None, unpadded=config.vocab_size, divisible_by=make_vocab_size_divisible_by)
+    return [
+        (r"embed", vocab),
+        (r"layers/\d+/(attn|mlp)_norm", P(None)),
+        (r"layers/\d+/attn/(wq|wk|wv)", P("tp", None)),
+        (r"layers/\d+/attn/wo", P(None, "tp")),
+        (r"layers/\d+/mlp/(w_gate|w_up)", P("tp", None)),
+        (r"layers/\d+/mlp/w_down", P(None, "tp")),
+        (r"norm", P(None)),
+        (r"output", vocab),
+    ]
+
+
+def spec_for(path: str, rank: int, rules: Rules) -> PartitionSpec:
+    """The spec of the one rule whose regex matches all of `path`; `rank` is the leaf's number of dims."""
+    hits = [(pattern, spec) for pattern, spec in rules if re.fullmatch(pattern, path)]
+    if not hits:
+        raise ConfigError(f"{path}: no sharding rule matches this leaf")
+    if len(hits) > 1:
+        raise ConfigError(f"{path}: matches {len(hits)} sharding rules ({', '.join(p for p, _ in hits)}); expected one")
+    spec = hits[0][1]
+    if len(spec.axes) != rank:
+        raise ConfigError(f"{path}: rule {hits[0][0]!r} gives {spec} for {len(spec.axes)} dims but the leaf has {rank}")
+    return spec
+
+
+def match(params, rules: Rules):
+    """A tree shaped like `params` holding each leaf's `PartitionSpec` (leaves: tensors on any device, `meta` too)."""
+    return map_with_path(lambda path, leaf: spec_for(path, leaf.dim(), rules), params)

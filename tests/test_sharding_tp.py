@@ -1,0 +1,139 @@
+"""Tensor-parallel forward, loss and gradients on 2 and 4 gloo processes equal one device; Mesh checks."""
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import mistral_fn as mf
+import sharding as sh
+from mistral_fn.errors import ConfigError
+from mistral_fn.params import leaves_with_paths
+
+# Odd layer count, a window shorter than the sequence, a vocab that needs padding (1001 -> 1008 / 1024).
+CFG = mf.MistralConfig(vocab_size=1001, dim=32, n_layers=3, n_heads=8, n_kv_heads=4, ffn_dim=48,
+                       sliding_window=5, max_seq_len=64)
+DIVISIBLE_BY = 8
+RULES = sh.mistral_rules(CFG, make_vocab_size_divisible_by=DIVISIBLE_BY)
+LOGITS_SPEC = sh.P(None, None, "tp", unpadded=CFG.vocab_size, divisible_by=DIVISIBLE_BY)
+TOLERANCE = 1e-5
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, CFG.vocab_size, (2, 13), generator=g)
+    x[0, :6] = torch.tensor([0, 503, 504, 1000, 255, 256])  # ids at the rank boundaries and the last real id
+    labels = x[:, 1:].clone()
+    labels[1, 3] = -100
+    mask = torch.ones_like(labels)
+    mask[0, -2:] = 0
+    return {"tokens": x[:, :-1], "labels": labels, "loss_mask": mask}
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    sh.validate_tp(CFG, world, DIVISIBLE_BY)
+    mesh = sh.Mesh({"tp": world}, device_type="cpu")
+    params = mf.init_params(CFG, seed=0)
+    local = sh.shard(params, sh.match(params, RULES), mesh.shape, mesh.coords)
+    batch = _batch()
+    logits = mf.forward(local, batch["tokens"], CFG, tp=mesh.tp)
+    grads, loss = torch.func.grad_and_value(mf.loss_fn)(local, batch, CFG, tp=mesh.tp)
+    torch.save({"coords": mesh.coords, "logits": logits, "loss": loss, "grads": grads}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_workers(world: int, out_dir, timeout_s: float = 120.0) -> None:
+    """Run `_worker` on `world` processes; fail (never hang) if they take longer than `timeout_s`.
+
+    fork: the children inherit the imported torch, dynamo and mistral_fn (spawn re-imports them, ~5 s each).
+    """
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world, join=False,
+                             start_method="fork")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=max(deadline - time.monotonic(), 0.0)):
+        if time.monotonic() >= deadline:
+            for process in ctx.processes:
+                process.kill()
+            pytest.fail(f"{world} TP workers did not finish within {timeout_s:.0f} s")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b| (the scale of the leaf)."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    params = mf.init_params(CFG, seed=0)
+    batch = _batch()
+    grads, loss = torch.func.grad_and_value(mf.loss_fn)(params, batch, CFG)
+    return params, mf.forward(params, batch["tokens"], CFG), loss, grads
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tp_logits_loss_and_grads_equal_one_device(world, tmp_path, single_device):
+    params, logits, loss, grads = single_device
+    _run_workers(world, tmp_path)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    assert [r["coords"] for r in results] == [{"tp": r} for r in range(world)]
+    mesh = {"tp": world}
+    padded = sh.padded_vocab_size(CFG.vocab_size, world, DIVISIBLE_BY)
+    assert all(r["logits"].shape == (2, 12, padded // world) for r in results)
+    assert torch.isinf(results[-1]["logits"][..., CFG.vocab_size - padded:]).all()  # padded columns are -inf
+
+    errors = {"logits": _rel(sh.unshard([{"x": r["logits"]} for r in results], {"x": LOGITS_SPEC}, mesh)["x"], logits)}
+    errors.update({f"loss rank {i}": _rel(r["loss"], loss) for i, r in enumerate(results)})
+    specs = sh.match(params, RULES)
+    tp_grads = sh.unshard([r["grads"] for r in results], specs, mesh)
+    errors.update({path: _rel(g, ref) for (path, g), (_, ref) in zip(leaves_with_paths(tp_grads), leaves_with_paths(grads))})
+    print(f"tp={world}: max relative error {max(errors.values()):.2e} ({max(errors, key=errors.get)})")
+    assert max(errors.values()) < TOLERANCE, {k: v for k, v in errors.items() if v >= TOLERANCE}
+    for name in ("embed", "output"):  # the padded vocab rows get no gradient
+        assert not torch.cat([r["grads"][name] for r in results])[CFG.vocab_size:].any(), name
+
+
+def test_tp1_mesh_issues_no_collective(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a collective was issued at tp=1")
+
+    for name in ("all_reduce", "init_process_group", "new_group"):
+        monkeypatch.setattr(dist, name, forbidden)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    mesh = sh.Mesh({"dp": 1, "tp": 1}, device_type="cpu")
+    assert mesh.tp is mf.SINGLE_DEVICE and mesh.coords == {"dp": 0, "tp": 0} and mesh.rank == 0
+    params = mf.init_params(CFG, seed=0)
+    local = sh.shard(params, sh.match(params, RULES), mesh.shape, mesh.coords)
+    torch.func.grad_and_value(mf.loss_fn)(local, _batch(), CFG, tp=mesh.tp)
+    assert not dist.is_initialized()
+    with pytest.raises(ConfigError, match="single-process mesh has no process group"):
+        mesh.group("tp")
+
+
+def test_mesh_errors_before_any_process_group(monkeypatch):
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("process group started"))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"^mesh \{'tp': 2\} has 2 ranks but WORLD_SIZE=4$"):
+        sh.Mesh({"tp": 2}, device_type="cpu")
+    with pytest.raises(ConfigError, match=r"^mesh \{'dp': 2, 'tp': 4\} has 8 ranks but WORLD_SIZE=4$"):
+        sh.Mesh({"tp": 4, "dp": 2}, device_type="cpu")
+    for name in ("RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=4 but RANK, .*MASTER_ADDR.* not set; launch with torchrun"):
+        sh.Mesh({"dp": 2, "tp": 2}, device_type="cpu")
+    with pytest.raises(ConfigError, match=r"unknown mesh axis 'ep'"):
+        sh.Mesh({"ep": 4}, device_type="cpu")
+    with pytest.raises(ConfigError, match=r"mesh axis 'tp' must have a positive integer size, got 0"):
+        sh.Mesh({"tp": 0}, device_type="cpu")
