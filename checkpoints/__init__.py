@@ -2,5 +2,7 @@
 
 from checkpoints.atomic import atomic_dir, atomic_file
 from checkpoints.hf import copy_tokenizer_files, hf_names, load_hf, save_hf
+from checkpoints.native import is_native, latest_step, list_steps, load_native, read_metadata, save_native
 
-__all__ = ["load_hf", "save_hf", "hf_names", "copy_tokenizer_files", "atomic_dir", "atomic_file"]
+__all__ = ["load_hf", "save_hf", "hf_names", "copy_tokenizer_files", "atomic_dir", "atomic_file",
+           "save_native", "load_native", "read_metadata", "latest_step", "list_steps", "is_native"]
