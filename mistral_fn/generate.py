@@ -66,6 +66,8 @@ def prefill(params, tokens, config: MistralConfig, cache, positions, *, chunk: i
             tp: TensorParallel = SINGLE_DEVICE):
     """`(logits [B, V] of the last column, cache)` after running `tokens` `[B, T]` through the cache in
     chunks of at most `chunk` columns."""
+    if chunk < 1:
+        raise InputError(f"prefill chunk must be >= 1, got {chunk}")
     for start in range(0, tokens.shape[1], chunk):
         cols = slice(start, start + chunk)
         h, cache = hidden_states_with_cache(params, tokens[:, cols], config, cache, positions[:, cols], tp=tp)
@@ -109,7 +111,8 @@ def generate_stream(params, prompts: Sequence[Sequence[int]], config: MistralCon
     seen = None
     if repetition_penalty != 1.0:
         seen = torch.zeros(len(prompts), config.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, tokens, positions >= 0)
+        rows = [row for row, prompt in enumerate(prompts) for _ in prompt]
+        seen[rows, [token for prompt in prompts for token in prompt]] = True
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     position = positions[:, -1:]

@@ -124,8 +124,9 @@ def test_greedy_equals_transformers(window, lengths):
 
 
 def test_repetition_penalty_equals_transformers():
+    """Batched with left padding (transformers also penalises its pad id 0, which never wins here)."""
     params = decisive_params(SMALL, seed=1)
-    prompts = random_prompts([8], SMALL.vocab_size)
+    prompts = random_prompts([8, 5], SMALL.vocab_size)
     ours = generate(params, prompts, SMALL, max_new_tokens=24, stop_ids=(), repetition_penalty=1.8)
     assert ours == hf_greedy(SMALL, params, prompts, 24, repetition_penalty=1.8)
     assert ours != generate(params, prompts, SMALL, max_new_tokens=24, stop_ids=())
