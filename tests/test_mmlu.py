@@ -3,6 +3,8 @@ computation with transformers' logits, aggregation by hand, bad data, and the CL
 
 import csv
 import json
+import os
+import socket
 import subprocess
 import sys
 
@@ -219,22 +221,33 @@ def test_missing_data(tmp_path, data):
 
 # ---- the CLI ------------------------------------------------------------------------------------------
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "experiments.evaluate", *args], capture_output=True, text=True,
-                          timeout=120)
+def run_cli(*args, nproc=1):
+    """The evaluate script, under torchrun (a TP mesh of `nproc` gloo ranks) when `nproc` > 1."""
+    launcher = [sys.executable]
+    if nproc > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
+    return subprocess.run([*launcher, "-m", "experiments.evaluate", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_cli_end_to_end(data, tokenizer, params, tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_cli_end_to_end(data, tokenizer, params, tmp_path, nproc):
+    """One process, and TP=2 under torchrun (rank 0 writes): the same predictions as in-process scoring."""
     checkpoints.save_hf(tmp_path / "hf", CONFIG, params)
     results_path = tmp_path / "out" / "mmlu.json"
     out = run_cli("--task=mmlu", f"--data_path={data}", f"--load={tmp_path / 'hf'}", "--protocol=harness",
-                  "--num_fewshot=1", "--batch_size=2", f"--results_path={results_path}")
+                  "--num_fewshot=1", "--batch_size=2", f"--results_path={results_path}", "--device=cpu", nproc=nproc)
     assert out.returncode == 0, out.stderr
     saved = json.loads(results_path.read_text())
     test, dev = mmlu.load_mmlu(data, 1)
     expected = mmlu.evaluate(logits_fn(params), tokenizer, test, dev, protocol="harness", max_len=512)
     assert saved["accuracy"] == expected["accuracy"]
-    assert [p["prediction"] for p in saved["predictions"]] == [p["prediction"] for p in expected["predictions"]]
+    for got, want in zip(saved["predictions"], expected["predictions"], strict=True):
+        assert got["prediction"] == want["prediction"]
+        assert got["loglikelihoods"] == pytest.approx(want["loglikelihoods"], abs=1e-4)
     assert set(saved) >= {"accuracy", "macro_accuracy", "subjects", "categories", "predictions"}
     assert saved["subjects"]["sociology"]["n"] == 2 and saved["protocol"] == "harness"
     assert "total (micro)" in out.stdout
