@@ -26,6 +26,7 @@ _THREADS = flags.DEFINE_integer("threads", 0, "torch CPU threads (0: torch's def
 _REPEATS = flags.DEFINE_integer("repeats", 2, "runs per measurement; the fastest counts")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "float32 or bfloat16")
 _DEVICE = flags.DEFINE_string("device", "cpu", "cpu or cuda")
+_COMPILE = flags.DEFINE_bool("compile", True, "also measure decode with the torch.compile'd step")
 
 # ~110M parameters: a Mistral shape scaled down (GQA 12/4, full vocabulary).
 CONFIG = mf.MistralConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048,
@@ -51,10 +52,11 @@ def copy_bandwidth(device, nbytes=512 * 2**20) -> float:
     return 2 * nbytes / best
 
 
-def ours(params, prompts, device):
+def ours(params, prompts, device, compile_decode=False):
     """(prefill seconds, decode seconds per step) from the streaming generator's step times."""
     times = [time.perf_counter()]
-    for _ in generate_stream(params, prompts, CONFIG, max_new_tokens=_NEW.value, stop_ids=()):
+    for _ in generate_stream(params, prompts, CONFIG, max_new_tokens=_NEW.value, stop_ids=(),
+                             compile_decode=compile_decode):
         sync(device)
         times.append(time.perf_counter())
     return times[1] - times[0], (times[-1] - times[1]) / (len(times) - 2)
@@ -109,6 +111,12 @@ def main(argv):
                   f"tok/s (x{hf_step / our_step:.2f}); bandwidth limit reached: ours {limit / our_step:.0%}, "
                   f"transformers {limit / hf_step:.0%}; prefill ours {our_prefill * 1e3:,.0f} ms vs transformers "
                   f"{hf_prefill * 1e3:,.0f} ms (x{hf_prefill / our_prefill:.2f})")
+            if _COMPILE.value:
+                ours(params, prompts, device, True)  # compiles (tens of seconds)
+                _, compiled_step = best_of(ours, params, prompts, device, True)
+                print(f"batch {batch}: decode ours compiled {batch / compiled_step:,.1f} tok/s "
+                      f"(x{hf_step / compiled_step:.2f} transformers); bandwidth limit reached "
+                      f"{limit / compiled_step:.0%}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _STOP = flags.DEFINE_multi_string("stop", [], "stop string (repeatable); EOS always stops")
 _DTYPE = flags.DEFINE_string("dtype", "", "compute dtype: float32, bfloat16, float16 (default: as stored)")
 _DEVICE = flags.DEFINE_string("device", "", "cpu, cuda or npu (default: the best available)")
+_COMPILE = flags.DEFINE_bool("compile", False, "torch.compile the decode step (slow first answer, faster decode)")
 
 
 def answer(params, config, tokenizer, ids: list[int], mesh) -> tuple[str, int, list[float]]:
@@ -42,7 +43,7 @@ def answer(params, config, tokenizer, ids: list[int], mesh) -> tuple[str, int, l
     stream = generate_stream(
         params, [ids], config, max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
         top_k=_TOP_K.value or None, top_p=_TOP_P.value, repetition_penalty=_REPETITION.value, seed=_SEED.value,
-        stop_strings=_STOP.value, tokenizer=tokenizer, tp=mesh.tp)
+        stop_strings=_STOP.value, tokenizer=tokenizer, compile_decode=_COMPILE.value, tp=mesh.tp)
     times = [time.perf_counter()]
     tokens: list[int] = []
 

@@ -87,7 +87,7 @@ def generate_stream(params, prompts: Sequence[Sequence[int]], config: MistralCon
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     repetition_penalty: float = 1.0, seed: int = 0, stop_ids: Sequence[int] | None = None,
                     stop_strings: Sequence[str] = (), tokenizer=None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                    tp: TensorParallel = SINGLE_DEVICE) -> Iterator[list[int | None]]:
+                    compile_decode: bool = False, tp: TensorParallel = SINGLE_DEVICE) -> Iterator[list[int | None]]:
     """Yield, once per decoding step, a list with the new token of each prompt, or None for a prompt
     that has finished (at this step or before).
 
@@ -95,6 +95,8 @@ def generate_stream(params, prompts: Sequence[Sequence[int]], config: MistralCon
     yielded), when the text of its new tokens contains one of `stop_strings` (needs `tokenizer`; the
     token completing the string is yielded), or after `max_new_tokens`. `temperature=0` is greedy;
     otherwise tokens are drawn with a generator seeded by `seed` (see `sampling.sample`).
+    `compile_decode` runs the one-token decode step through `torch.compile` (the first call compiles,
+    tens of seconds on a CPU; later steps skip most per-op overhead).
     """
     check_prompts(prompts, config, max_new_tokens)
     sampling.check_options(temperature, top_k, top_p, repetition_penalty)
@@ -116,6 +118,7 @@ def generate_stream(params, prompts: Sequence[Sequence[int]], config: MistralCon
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     position = positions[:, -1:]
+    decode = torch.compile(hidden_states_with_cache) if compile_decode else hidden_states_with_cache
     for step in range(max_new_tokens):
         next_ids = sampling.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                    repetition_penalty=repetition_penalty, seen=seen, generator=generator)
@@ -134,7 +137,7 @@ def generate_stream(params, prompts: Sequence[Sequence[int]], config: MistralCon
         if seen is not None:
             seen.scatter_(1, next_ids[:, None], True)
         position = position + 1
-        h, cache = hidden_states_with_cache(params, next_ids[:, None], config, cache, position, tp=tp)
+        h, cache = decode(params, next_ids[:, None], config, cache, position, tp=tp)
         logits = full_vocab_logits(params, h, config, tp)
 
 
@@ -143,8 +146,8 @@ def generate(params, prompts: Sequence[Sequence[int]], config: MistralConfig, *,
              **options) -> list[list[int]]:
     """The new token ids of each prompt (stop token excluded); greedy at `temperature=0`.
 
-    `options`: `repetition_penalty`, `stop_ids`, `stop_strings`, `tokenizer`, `prefill_chunk`, `tp`
-    (see `generate_stream`).
+    `options`: `repetition_penalty`, `stop_ids`, `stop_strings`, `tokenizer`, `prefill_chunk`,
+    `compile_decode`, `tp` (see `generate_stream`).
     """
     outputs: list[list[int]] = [[] for _ in prompts]
     for emitted in generate_stream(params, prompts, config, max_new_tokens=max_new_tokens, temperature=temperature,

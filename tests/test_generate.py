@@ -72,6 +72,18 @@ def test_cached_decoding_equals_recompute(window, chunk):
         assert cache["k"][0].shape[1] == window
 
 
+def test_compiled_decode_equals_eager():
+    """`torch.compile`d decode steps (in-place cache writes inside the graph) past a window of 4."""
+    config = SMALL.replace(n_layers=1, sliding_window=4)
+    params = decisive_params(config)
+    prompts = random_prompts([6, 3], config.vocab_size)
+    eager = generate(params, prompts, config, max_new_tokens=8, stop_ids=())
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    assert generate(params, prompts, config, max_new_tokens=8, stop_ids=(), compile_decode=True) == eager
+    assert counters["stats"]["unique_graphs"] >= 1
+
+
 def test_ring_buffer_worked_example():
     """The docstring example: W = S = 4, a 6-token prefill, then two decode steps."""
     config = SMALL.replace(sliding_window=4)
