@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import InputError
-from mistral_fn.model import forward
+from mistral_fn import kernels, remat
+from mistral_fn.model import attention_inputs, block, embed, forward, hidden_states, output_logits
 from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel
 
 IGNORE_INDEX = -100
@@ -31,14 +32,55 @@ def check_batch(batch: dict) -> None:
         raise InputError(f"batch tensors must share one [batch, seq] shape, got {shapes}")
 
 
-def loss_fn(params, batch: dict, config: MistralConfig, *, tp: TensorParallel = SINGLE_DEVICE) -> torch.Tensor:
+def loss_fn(params, batch: dict, config: MistralConfig, *, tp: TensorParallel = SINGLE_DEVICE,
+            recompute: bool = False, chunk_size: int | None = None) -> torch.Tensor:
     """Mean next-token loss over unmasked tokens.
 
     batch: `tokens`, `labels` (already shifted: labels[t] is the token after tokens[t]) and
     `loss_mask`, each `[B, T]`; optional `positions`. Returns a float32 scalar.
+
+    `recompute=True` recomputes each decoder layer in backward (`remat.checkpoint`, Megatron's
+    `--recompute-granularity full`). `chunk_size=c` computes the head and cross-entropy over `c`
+    positions at a time, recomputed in backward, so float32 logits never exist for more than
+    `[B, c, V]` at once. Both change memory, not the math (same value and gradients up to rounding).
     """
     check_batch(batch)
-    logits = forward(params, batch["tokens"], config, positions=batch.get("positions"), tp=tp)
-    losses = token_losses(logits, batch["labels"], tp)
-    mask = batch["loss_mask"].to(losses.dtype)
-    return (losses * mask).sum() / mask.sum().clamp_min(1.0)
+    if not recompute and chunk_size is None:
+        logits = forward(params, batch["tokens"], config, positions=batch.get("positions"), tp=tp)
+        losses = token_losses(logits, batch["labels"], tp)
+        mask = batch["loss_mask"].to(losses.dtype)
+        return (losses * mask).sum() / mask.sum().clamp_min(1.0)
+    h = _final_hidden(params, batch, config, tp, recompute)
+    mask = batch["loss_mask"].float()
+    total = _masked_loss_sum(params["output"], h, batch["labels"], mask, config, tp, chunk_size)
+    return total / mask.sum().clamp_min(1.0)
+
+
+def _final_hidden(params, batch, config, tp, recompute: bool):
+    """`model.hidden_states`, with each layer wrapped in `remat.checkpoint` when `recompute`."""
+    tokens, positions = batch["tokens"], batch.get("positions")
+    if not recompute:
+        return hidden_states(params, tokens, config, positions=positions, tp=tp)
+    h = embed(params["embed"], tokens, tp)
+    cos, sin, mask = attention_inputs(positions, *tokens.shape, config, tokens.device, h.dtype)
+    layer = remat.checkpoint(lambda p, x, c, s, m: block(p, x, c, s, m, config, tp))
+    for p in params["layers"]:
+        h = layer(p, h, cos, sin, mask)
+    return kernels.rms_norm(h, params["norm"], config.norm_eps)
+
+
+def _masked_loss_sum(head, h, labels, mask, config, tp, chunk_size: int | None) -> torch.Tensor:
+    """`sum(token_losses * mask)` from final hidden states, `chunk_size` positions at a time."""
+
+    def piece(w, hc, lc, mc):
+        return (token_losses(output_logits({"output": w}, hc, config, tp), lc, tp) * mc).sum()
+
+    if chunk_size is None:
+        return piece(head, h, labels, mask)
+    if chunk_size <= 0:
+        raise InputError(f"loss chunk_size must be a positive integer, got {chunk_size}")
+    piece = remat.checkpoint(piece)
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[1], chunk_size):
+        total = total + piece(head, h[:, s:s + chunk_size], labels[:, s:s + chunk_size], mask[:, s:s + chunk_size])
+    return total

@@ -1,0 +1,72 @@
+"""Activation recomputation that composes with both `torch.func` transforms and `torch.autograd`.
+
+`torch.utils.checkpoint` does not work under `torch.func.grad` (saved-tensor hooks / missing
+`setup_context`). `checkpoint(fn)` is a small `autograd.Function` instead: forward runs `fn` without
+recording and saves only its floating-point tensor inputs; backward re-runs `fn` under
+`torch.func.vjp` and returns the input cotangents. Peak memory per call is then the inputs plus one
+recomputation, at the price of one extra forward.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+
+def _is_primal(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+class _Recompute(torch.autograd.Function):
+    """Inputs: `(run, *primals)` where `run(*primals)` returns one tensor."""
+
+    @staticmethod
+    def forward(run, *primals):
+        return run(*primals)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.run = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        primals = ctx.saved_tensors
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[1:]) if need]
+
+        def partial_run(*chosen):
+            full = list(primals)
+            for i, x in zip(wanted, chosen):
+                full[i] = x
+            return ctx.run(*full)
+
+        _, vjp_fn = torch.func.vjp(partial_run, *(primals[i] for i in wanted))
+        grads = [None] * len(primals)
+        for i, g in zip(wanted, vjp_fn(grad_out)):
+            grads[i] = g
+        return (None, *grads)
+
+
+def checkpoint(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`fn` with the same signature (positional pytrees of tensors and constants, one tensor out),
+    whose intermediate activations are recomputed in backward instead of stored.
+
+    Floating-point tensors anywhere in the arguments are differentiable inputs; integer/bool tensors,
+    None and other values are treated as constants. `fn` must be deterministic (no dropout here).
+    """
+
+    def wrapped(*args):
+        leaves, treedef = pytree.tree_flatten(args)
+        slots = [i for i, x in enumerate(leaves) if _is_primal(x)]
+
+        def run(*primals):
+            full = list(leaves)
+            for i, x in zip(slots, primals):
+                full[i] = x
+            return fn(*pytree.tree_unflatten(full, treedef))
+
+        return _Recompute.apply(run, *(leaves[i] for i in slots))
+
+    return wrapped

@@ -1,0 +1,176 @@
+"""The training step as a pure function: `step(state, batch) -> (new_state, metrics)`.
+
+    step = make_train_step(partial(mf.loss_fn, config=cfg, recompute=True, chunk_size=4096),
+                           optim.adamw(schedule, b2=0.95, weight_decay=0.1, mask=optim.decay_mask),
+                           micro_batch_size=1, max_grad_norm=1.0, compute_dtype=torch.bfloat16)
+    state = init_train_state(params, optimizer)
+    state, metrics = step(state, batch)        # batch: this dp rank's [n_micro * micro_batch_size, T]
+
+One step = gradient accumulation over micro-batches (float32), data-parallel all-reduce, the global
+gradient norm (TP-aware), a non-finite check (skip, count, stop after `max_skipped` in a row),
+clipping, the optimizer update. The loss follows Megatron: each micro-batch's masked mean, averaged
+over micro-batches and dp ranks.
+
+Gradients come from `value_and_grad`, built on `torch.autograd.grad` over detached leaves: measured
+against `torch.func.grad_and_value` it needs less memory, and activation recomputation
+(`loss_fn(recompute=True)`, `remat.checkpoint`) lowers its peak further (see the README).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Collection, NamedTuple, Protocol
+
+import torch
+from torch.utils import _pytree as pytree
+
+from mistral_fn import optim
+from mistral_fn.errors import InputError, MistralFnError
+from mistral_fn.params import cast, leaves_with_paths
+from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel
+
+
+class DivergenceError(MistralFnError):
+    """Training stopped: too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+class DataParallel(Protocol):
+    """What the step needs from the dp group (`parallel.SINGLE_DEVICE` is the size-1 one)."""
+
+    size: int
+
+    def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """The reduced tensor (a new one or `x` itself); `x` is never one of the caller's inputs."""
+
+
+class TrainState(NamedTuple):
+    """Everything a step reads and returns. `params` are float32 master weights in mixed precision."""
+
+    params: Any
+    opt_state: Any
+    step: torch.Tensor  # int64: iterations run, skipped ones included
+    consumed_samples: torch.Tensor  # int64: samples consumed over all dp ranks
+    skipped_in_row: torch.Tensor  # int64: consecutive non-finite steps
+    skipped_total: torch.Tensor  # int64
+    loss_scale: Any  # optim.LossScaleState, or () without loss scaling
+
+
+def init_train_state(params, optimizer: optim.GradientTransformation, *, master_dtype: torch.dtype | None = None,
+                     loss_scale: optim.LossScale | None = None) -> TrainState:
+    """A fresh state. `master_dtype=torch.float32` keeps float32 master copies of bf16/fp16 params."""
+    if master_dtype is not None:
+        params = cast(params, master_dtype)
+    counters = [torch.zeros((), dtype=torch.int64) for _ in range(4)]
+    return TrainState(params, optimizer.init(params), *counters, loss_scale.init() if loss_scale else ())
+
+
+def value_and_grad(fn: Callable[..., torch.Tensor]) -> Callable[..., tuple[torch.Tensor, Any]]:
+    """`fn(params, *args, **kwargs) -> scalar` to `(value, grads)` with grads shaped like `params`.
+
+    Differentiates every floating-point leaf of `params` with `torch.autograd.grad` on detached aliases
+    (the inputs are neither modified nor given `.grad`); other leaves get None. The value is detached.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(params, *args, **kwargs):
+        leaves, treedef = pytree.tree_flatten(params)
+        tracked = [x.detach().requires_grad_() if x.is_floating_point() else x for x in leaves]
+        wanted = [x for x in tracked if isinstance(x, torch.Tensor) and x.requires_grad]
+        with torch.enable_grad():
+            value = fn(pytree.tree_unflatten(tracked, treedef), *args, **kwargs)
+        found = iter(torch.autograd.grad(value, wanted, materialize_grads=True))
+        grads = [next(found) if isinstance(x, torch.Tensor) and x.requires_grad else None for x in tracked]
+        return value.detach(), pytree.tree_unflatten(grads, treedef)
+
+    return wrapped
+
+
+def global_grad_norm(grads, tp: TensorParallel = SINGLE_DEVICE, sharded_paths: Collection[str] = ()) -> torch.Tensor:
+    """L2 norm of the full (unsharded) gradient: leaves at `sharded_paths` are summed over the tp
+    ranks, replicated leaves are counted once. float32 0-d, identical on every rank."""
+    sharded, replicated = [], []
+    for path, g in leaves_with_paths(grads):
+        (sharded if path in sharded_paths else replicated).append(g)
+    sq = optim.squared_norm(sharded)
+    if tp.size > 1:
+        sq = tp.all_reduce(sq, "sum")
+    return (sq + optim.squared_norm(replicated)).sqrt()
+
+
+def split_micro_batches(batch: dict, micro_batch_size: int) -> list[dict]:
+    """`[N, ...]` tensors to `N / micro_batch_size` dicts of `[micro_batch_size, ...]` views."""
+    sizes = {k: v.shape[0] for k, v in batch.items()}
+    n = next(iter(sizes.values()))
+    if len(set(sizes.values())) != 1 or n % micro_batch_size:
+        raise InputError(f"batch sizes {sizes} must be equal and divisible by micro_batch_size={micro_batch_size}")
+    return [{k: v[i:i + micro_batch_size] for k, v in batch.items()} for i in range(0, n, micro_batch_size)]
+
+
+def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: optim.GradientTransformation, *,
+                    micro_batch_size: int, dp: DataParallel = SINGLE_DEVICE, tp: TensorParallel = SINGLE_DEVICE,
+                    sharded_paths: Collection[str] = (), max_grad_norm: float | None = None,
+                    compute_dtype: torch.dtype | None = None, loss_scale: optim.LossScale | None = None,
+                    schedule: optim.Schedule | None = None, max_skipped: int = 10):
+    """A pure `step(state, batch) -> (state, metrics)`.
+
+    loss_fn: `(params, micro_batch) -> scalar` (e.g. `partial(mf.loss_fn, config=cfg, tp=tp)`).
+    batch: this dp rank's samples, `[k * micro_batch_size, T]` per key; k micro-batches accumulate.
+    dp / tp: collectives (`all_reduce`); gradients are summed over dp and averaged.
+    sharded_paths: paths of TP-sharded leaves, for the global norm (`sharding.match` tells which).
+    max_grad_norm: clip as `torch.nn.utils.clip_grad_norm_` (None: no clipping).
+    compute_dtype: forward/backward dtype for float32 master `state.params` (None: use them as is).
+    loss_scale: fp16 dynamic loss scaling (`optim.dynamic_loss_scale()`); its state lives in `state`.
+    schedule: only to report `lr` in the metrics (evaluated at the count of applied updates).
+    max_skipped: raise `DivergenceError` after this many non-finite steps in a row.
+
+    metrics: floats `loss`, `grad_norm` (before clipping), `lr` (with `schedule`), `loss_scale`, and
+    `skipped` (0/1), `skipped_total`.
+    """
+    if micro_batch_size <= 0 or max_skipped <= 0:
+        raise InputError(f"micro_batch_size={micro_batch_size} and max_skipped={max_skipped} must be positive")
+    grad_fn = value_and_grad(lambda params, micro_batch, scale: loss_fn(params, micro_batch) * scale)
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        micro = split_micro_batches(batch, micro_batch_size)
+        params = cast(state.params, compute_dtype) if compute_dtype is not None else state.params
+        scale = state.loss_scale.scale if loss_scale else torch.ones(())
+        total_loss, acc, treedef = torch.zeros((), dtype=torch.float32), None, None
+        for mb in micro:
+            loss, grads = grad_fn(params, mb, scale)
+            leaves, treedef = pytree.tree_flatten(grads)
+            leaves = [g.float() for g in leaves] if compute_dtype is not None else leaves
+            acc = leaves if acc is None else torch._foreach_add(acc, leaves)
+            total_loss = total_loss + loss.float() / scale
+        divisor = len(micro) * dp.size * scale
+        if dp.size > 1:
+            acc = [dp.all_reduce(g, "sum") for g in acc]
+            total_loss = dp.all_reduce(total_loss, "sum")
+        grads = pytree.tree_unflatten(torch._foreach_div(acc, divisor), treedef)
+        loss = total_loss / (len(micro) * dp.size)
+        norm = global_grad_norm(grads, tp, sharded_paths)
+        finite = torch.isfinite(norm) & torch.isfinite(loss)
+        new_scale = loss_scale.adjust(state.loss_scale, finite) if loss_scale else ()
+        metrics = {"loss": float(loss), "grad_norm": float(norm)}
+        if schedule is not None:
+            metrics["lr"] = float(schedule(state.step - state.skipped_total))
+        if loss_scale:
+            metrics["loss_scale"] = float(state.loss_scale.scale)
+        consumed = state.consumed_samples + len(micro) * micro_batch_size * dp.size
+        if not bool(finite):
+            in_row = state.skipped_in_row + 1
+            if int(in_row) >= max_skipped:
+                raise DivergenceError(f"{int(in_row)} consecutive steps with non-finite loss or gradients "
+                                      f"(step {int(state.step) + 1}: loss {float(loss)}, grad norm {float(norm)})")
+            new = state._replace(step=state.step + 1, consumed_samples=consumed, skipped_in_row=in_row,
+                                 skipped_total=state.skipped_total + 1, loss_scale=new_scale)
+            return new, {**metrics, "skipped": 1, "skipped_total": int(new.skipped_total)}
+        if max_grad_norm is not None:
+            coef = optim.clip_coefficient(norm, max_grad_norm)
+            grads = pytree.tree_unflatten(torch._foreach_mul(pytree.tree_leaves(grads), coef), treedef)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new = TrainState(optim.apply_updates(state.params, updates), opt_state, state.step + 1, consumed,
+                         torch.zeros_like(state.skipped_in_row), state.skipped_total, new_scale)
+        return new, {**metrics, "skipped": 0, "skipped_total": int(new.skipped_total)}
+
+    return step
+

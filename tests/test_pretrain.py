@@ -1,0 +1,101 @@
+"""experiments.pretrain end to end: resume, TP=2 / DP=2 (gloo) against one process, accumulation, fine-tuning."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mistral_fn as mf
+from experiments.preprocess_data import PreprocessConfig, run
+from mistral_fn.data import InstructionDataset
+from mistral_fn.data.handlers import InstructionHandler
+from mistral_fn.tokenizer import load_tokenizer
+from tests.test_preprocess import ALPACA
+
+TINY = ["--model=tiny", "--seq_length=32", "--lr=1e-2", "--train_iters=6", "--log_interval=1", "--global_batch_size=4",
+        "--micro_batch_size=1", "--loss_chunk_size=16"]
+
+
+def pretrain(*flags, nproc=1, check=True):
+    """Run the script (under torchrun when `nproc` > 1); returns the completed process."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "experiments.pretrain"]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={port}", "-m", "experiments.pretrain"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd + list(flags), capture_output=True, text=True, env=env, timeout=120)
+    if check:
+        assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def losses(path):
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted single-process run of TINY saving every 3 steps: (save dir, its losses)."""
+    save = tmp_path_factory.mktemp("reference")
+    pretrain(*TINY, f"--save={save}", "--save_interval=3")
+    return save, losses(save / "metrics.jsonl")
+
+
+def test_resume_equals_uninterrupted_run_bit_for_bit_and_exit_interval_stops(tmp_path, reference):
+    pretrain(*TINY, f"--load={reference[0]}/iter_0000003", f"--save={tmp_path}", "--exit_interval=5")
+    assert (tmp_path / "latest").read_text() == "iter_0000005\n"
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["steps"] == 5
+    assert losses(tmp_path / "metrics.jsonl") == reference[1][3:5]  # exact float equality
+
+
+def test_dp2_x_tp2_matches_one_process(tmp_path, reference):
+    pretrain(*TINY, "--tensor_model_parallel_size=2", f"--metrics_file={tmp_path}/m.jsonl", nproc=4)
+    got, ref = losses(tmp_path / "m.jsonl"), reference[1]
+    assert len(got) == 6 and ref[-1] != ref[0]
+    assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-5
+
+
+def test_flag_errors_are_one_line():
+    done = pretrain(*TINY, "--global_batch_size=3", "--micro_batch_size=2", check=False)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith("error: --global_batch_size=3")
+
+
+@pytest.fixture(scope="module")
+def sft_prefix(tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("sft") / "alpaca"
+    run(PreprocessConfig(input=str(ALPACA), output_prefix=str(prefix), handler=InstructionHandler(append_eod=True),
+                         tokenizer=load_tokenizer()))
+    return prefix
+
+
+def test_instruction_prompt_tokens_carry_no_loss(sft_prefix):
+    cfg = mf.MistralConfig.tiny()
+    ds = InstructionDataset(str(sft_prefix), 128, pad_id=2, split="100,0,0")
+    sample = {k: torch.from_numpy(v)[None] for k, v in ds[0].items()}
+    prompt = sample["loss_mask"] == 0
+    assert prompt.any() and not prompt.all() and (sample["labels"][prompt] == -100).all()
+    params = mf.init_params(cfg, seed=0)
+    relabelled = {**sample, "labels": sample["labels"].masked_fill(prompt, 7)}  # any targets on prompt positions
+    assert torch.equal(mf.loss_fn(params, relabelled, cfg), mf.loss_fn(params, sample, cfg))
+    assert not torch.equal(mf.loss_fn(params, {**relabelled, "loss_mask": torch.ones_like(prompt)}, cfg),
+                           mf.loss_fn(params, sample, cfg))
+
+
+def test_finetune_from_native_checkpoint_starts_at_step_0_and_loss_falls(tmp_path, sft_prefix, reference):
+    pretrain("--model=tiny", "--seq_length=128", "--global_batch_size=4", "--micro_batch_size=2", "--split=100,0,0",
+             "--train_iters=12", "--lr=5e-3", f"--load={reference[0]}", "--finetune", "--is_instruction_dataset",
+             f"--data_path={sft_prefix}", f"--save={tmp_path}", "--recompute_granularity=full", "--loss_chunk_size=64")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert steps[0]["step"] == 1 and records[-1]["start_step"] == 0 and records[-1]["steps"] == 12
+    first, last = sum(r["loss"] for r in steps[:3]) / 3, sum(r["loss"] for r in steps[-3:]) / 3
+    assert last < first - 0.5, (first, last)
