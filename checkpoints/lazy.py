@@ -45,9 +45,13 @@ class LazyTensor:
         return self.reader()
 
 
-def materialize(tree):
-    """The tree with every `LazyTensor` read (tensors pass through)."""
-    return tree_map(lambda x: x.load() if isinstance(x, LazyTensor) else x, tree)
+def materialize(tree, dtype: torch.dtype | None = None):
+    """The tree with every `LazyTensor` read (tensors pass through), each leaf cast to `dtype` as it is
+    read (None keeps the stored dtype), so at most one leaf exists twice at a time."""
+    def read(x):
+        x = x.load() if isinstance(x, LazyTensor) else x
+        return x if dtype is None else x.to(dtype)
+    return tree_map(read, tree)
 
 
 def lazy_hf(hf_dir: str | os.PathLike) -> tuple[MistralConfig, dict]:

@@ -16,7 +16,7 @@ import torch
 import checkpoints
 import sharding
 from checkpoints import megatron
-from checkpoints.lazy import cast_lazy, materialize
+from checkpoints.lazy import materialize
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import CheckpointError, InputError
 from mistral_fn.params import cast, map_with_path, param_shapes, tree_map
@@ -43,7 +43,7 @@ def load_any(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple
         return checkpoints.load_hf(path, dtype=dtype)
     if (path / megatron.TRACKER).is_file():
         config, _, lazy = megatron.read_megatron(path)
-        return config, materialize(cast_lazy(lazy, dtype))
+        return config, materialize(lazy, dtype)
     if checkpoints.is_native(path):
         return _load_native_params(path, dtype)
     raise CheckpointError(f"{path}: unrecognised checkpoint (expected an HF directory with config.json, a Megatron "
