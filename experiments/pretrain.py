@@ -220,7 +220,7 @@ def main(argv):
     step_fn = train.make_train_step(loss, opt, micro_batch_size=F.micro_batch_size, dp=dp, tp=mesh.tp,
                                     sharded_paths=sharded_paths, max_grad_norm=F.clip_grad or None,
                                     compute_dtype=compute, loss_scale=loss_scale, schedule=sched,
-                                    max_skipped=F.max_skipped_steps)
+                                    max_skipped=F.max_skipped_steps, donate=True)
 
     params = pytree.tree_map(lambda x: x.to(mesh.device), initial_params(cfg, specs, tp_rank, tp_size))
     ckpt = {"train": train.init_train_state(params, opt, loss_scale=loss_scale),

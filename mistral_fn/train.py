@@ -110,7 +110,7 @@ def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: opt
                     micro_batch_size: int, dp: DataParallel = SINGLE_DEVICE, tp: TensorParallel = SINGLE_DEVICE,
                     sharded_paths: Collection[str] = (), max_grad_norm: float | None = None,
                     compute_dtype: torch.dtype | None = None, loss_scale: optim.LossScale | None = None,
-                    schedule: optim.Schedule | None = None, max_skipped: int = 10):
+                    schedule: optim.Schedule | None = None, max_skipped: int = 10, donate: bool = False):
     """A pure `step(state, batch) -> (state, metrics)`.
 
     loss_fn: `(params, micro_batch) -> scalar` (e.g. `partial(mf.loss_fn, config=cfg, tp=tp)`).
@@ -122,6 +122,8 @@ def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: opt
     loss_scale: fp16 dynamic loss scaling (`optim.dynamic_loss_scale()`); its state lives in `state`.
     schedule: only to report `lr` in the metrics (evaluated at the count of applied updates).
     max_skipped: raise `DivergenceError` after this many non-finite steps in a row.
+    donate: the step may overwrite the incoming `state`'s params and optimizer moments (JAX's buffer
+    donation): same results, ~3 fewer parameter-sized buffers, but the old state must not be reused.
 
     metrics: floats `loss`, `grad_norm` (before clipping), `lr` (with `schedule`), `loss_scale`, and
     `skipped` (0/1), `skipped_total`.
@@ -145,7 +147,8 @@ def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: opt
         if dp.size > 1:
             acc = [dp.all_reduce(g, "sum") for g in acc]
             total_loss = dp.all_reduce(total_loss, "sum")
-        grads = pytree.tree_unflatten(torch._foreach_div(acc, divisor), treedef)
+        grads = pytree.tree_unflatten(torch._foreach_div(acc, divisor), treedef)  # fresh: clipped in place
+        del acc, leaves
         loss = total_loss / (len(micro) * dp.size)
         norm = global_grad_norm(grads, tp, sharded_paths)
         finite = torch.isfinite(norm) & torch.isfinite(loss)
@@ -165,10 +168,10 @@ def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: opt
                                  skipped_total=state.skipped_total + 1, loss_scale=new_scale)
             return new, {**metrics, "skipped": 1, "skipped_total": int(new.skipped_total)}
         if max_grad_norm is not None:
-            coef = optim.clip_coefficient(norm, max_grad_norm)
-            grads = pytree.tree_unflatten(torch._foreach_mul(pytree.tree_leaves(grads), coef), treedef)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new = TrainState(optim.apply_updates(state.params, updates), opt_state, state.step + 1, consumed,
+            torch._foreach_mul_(pytree.tree_leaves(grads), optim.clip_coefficient(norm, max_grad_norm))
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, donate=donate)
+        del grads
+        new = TrainState(optim.apply_updates(state.params, updates, donate=donate), opt_state, state.step + 1, consumed,
                          torch.zeros_like(state.skipped_in_row), state.skipped_total, new_scale)
         return new, {**metrics, "skipped": 0, "skipped_total": int(new.skipped_total)}
 

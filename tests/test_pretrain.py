@@ -99,3 +99,24 @@ def test_finetune_from_native_checkpoint_starts_at_step_0_and_loss_falls(tmp_pat
     assert steps[0]["step"] == 1 and records[-1]["start_step"] == 0 and records[-1]["steps"] == 12
     first, last = sum(r["loss"] for r in steps[:3]) / 3, sum(r["loss"] for r in steps[-3:]) / 3
     assert last < first - 0.5, (first, last)
+
+
+FLAGFILE_PROBE = """
+import json, torch
+from absl import flags
+from experiments import pretrain as script
+flags.FLAGS(["pretrain", "--flagfile=experiments/mistral_7b_finetune_tp8.flags"])
+sched, _ = script.schedule_and_optimizer()
+print(json.dumps({"config": script.model_config().to_hf(), "mesh": script.check_flags(world=8),
+                  "lr": [float(sched(torch.tensor(s))) for s in (0, 10, 20, 2000)],
+                  "on": [flags.FLAGS.finetune, flags.FLAGS.is_instruction_dataset, flags.FLAGS.bf16]}))
+"""
+
+
+def test_7b_flagfiles_parse_into_the_seed_recipe():
+    done = subprocess.run([sys.executable, "-c", FLAGFILE_PROBE], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["config"] == mf.MistralConfig.mistral_7b_instruct_v0_2().to_hf() and got["mesh"] == [8, 1]
+    assert got["lr"] == pytest.approx([0.0, 6.25e-7, 1.25e-6, 1.25e-7])  # warmup: 0.01 x 2000 = 20 steps
+    assert got["on"] == [True, True, True]
