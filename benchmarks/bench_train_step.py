@@ -7,9 +7,10 @@
 
 Ours: `train.make_train_step(donate=True)` with `loss_fn(chunk_size=...)` (float32 logits for `--chunk` positions at a
 time) and `optim.adamw`; bf16 runs keep float32 master weights and moments, as Megatron's `--bf16`.
-Theirs: `model(tokens).logits` + `F.cross_entropy`, `torch.optim.AdamW` (foreach); bf16 runs use autocast
-over float32 weights. Prints tokens/s (best of `--rounds` alternating runs), peak memory growth,
-model TFLOP/s and the fraction of the measured matmul peak, and the ratios ours / theirs.
+Theirs: `model(tokens).logits` + `F.cross_entropy`, `torch.optim.AdamW` (its default implementation);
+bf16 runs use autocast over float32 weights. Speed: both sides in one process, steps alternating, median
+(the machine may be shared). Memory: each side alone in a fresh process. Prints tokens/s, peak memory
+growth, model TFLOP/s and the fraction of the measured matmul peak, and the ratios ours / theirs.
 """
 
 from __future__ import annotations
@@ -77,20 +78,30 @@ def theirs(cfg, args, device):
 
 
 def run_case(args) -> dict:
+    """`--side ours|theirs`: peak memory growth of warm-up + `--steps` steps, alone in this process.
+    `--side both`: both sides resident, steps alternating, so machine load hits them alike: median
+    seconds per step of each."""
     device = torch.device(args.device)
     cfg = config(args)
     torch.manual_seed(0)
+    if args.side == "both":
+        runs = {"ours": ours(cfg, args, device), "theirs": theirs(cfg, args, device)}
+        data = list(batches(cfg, args, device))
+        times = {side: [] for side in runs}
+        for i, batch in enumerate(data):
+            for side, run in runs.items():
+                start = time.perf_counter()
+                run(batch)
+                sync(device)
+                if i:  # the first step of each side is a warm-up
+                    times[side].append(time.perf_counter() - start)
+        return {side: args.batch * args.seq / sorted(t)[len(t) // 2] for side, t in times.items()}
     base = reset_peak(device)
     run = (ours if args.side == "ours" else theirs)(cfg, args, device)
-    data = batches(cfg, args, device)
-    run(next(data))  # warm-up (also allocates optimizer state)
-    sync(device)
-    start = time.perf_counter()
-    for batch in data:
+    for batch in batches(cfg, args, device):
         run(batch)
     sync(device)
-    seconds = (time.perf_counter() - start) / args.steps
-    return {"tokens_per_sec": args.batch * args.seq / seconds, "peak_mib": (peak_bytes(device) - base) / 2**20}
+    return {"peak_mib": (peak_bytes(device) - base) / 2**20}
 
 
 def flops_per_token(cfg: mf.MistralConfig, seq: int) -> float:
@@ -102,13 +113,12 @@ def flops_per_token(cfg: mf.MistralConfig, seq: int) -> float:
 def main():
     p = argparse.ArgumentParser()
     for name, default in (("vocab", 32000), ("dim", 768), ("layers", 8), ("heads", 12), ("kv_heads", 4),
-                          ("ffn", 2048), ("seq", 512), ("batch", 1), ("steps", 3), ("chunk", 128)):
+                          ("ffn", 2048), ("seq", 512), ("batch", 1), ("steps", 4), ("chunk", 128)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--recompute", action="store_true", help="ours: per-layer activation recomputation")
-    p.add_argument("--rounds", type=int, default=2, help="alternate the sides this many times; keep each best")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--side", choices=["ours", "theirs"])
+    p.add_argument("--side", choices=["ours", "theirs", "both"])
     args = p.parse_args()
     if args.side:
         print(json.dumps(run_case(args)))
@@ -123,26 +133,18 @@ def main():
     passthrough = [f"--{k}={getattr(args, k)}" for k in ("vocab", "dim", "layers", "heads", "kv_heads", "ffn", "seq",
                                                          "batch", "steps", "chunk", "dtype", "device")]
     passthrough += ["--recompute"] if args.recompute else []
-    results = {}
-    for _ in range(args.rounds):  # alternate, so load from other processes hits both sides alike
-        for side in ("ours", "theirs"):
-            r = run_isolated("benchmarks.bench_train_step", ["--side", side, *passthrough])
-            best = results.get(side)
-            if best is None or "error" in best or ("error" not in r and r["tokens_per_sec"] > best["tokens_per_sec"]):
-                results[side] = {**r, "peak_mib": min(r.get("peak_mib", 1e18), (best or {}).get("peak_mib", 1e18))} \
-                    if "error" not in r else r
-    for side, r in results.items():
+    speed = run_isolated("benchmarks.bench_train_step", ["--side", "both", *passthrough])
+    memory = {side: run_isolated("benchmarks.bench_train_step", ["--side", side, *passthrough])
+              for side in ("ours", "theirs")}
+    for r in (speed, *memory.values()):
         if "error" in r:
-            print(f"{side:7} failed: {r['error']}")
-            continue
-        tflops = r["tokens_per_sec"] * fpt / 1e12
-        print(f"{side:7} {r['tokens_per_sec']:10.1f} tokens/s  peak +{r['peak_mib']:8.1f} MiB  "
+            raise SystemExit(f"benchmark failed: {r['error']}")
+    for side in ("ours", "theirs"):
+        tflops = speed[side] * fpt / 1e12
+        print(f"{side:7} {speed[side]:10.1f} tokens/s  peak +{memory[side]['peak_mib']:8.1f} MiB  "
               f"{tflops:.3f} model TFLOP/s = {tflops * 1e12 / peak:.0%} of matmul peak")
-    if all("error" not in r for r in results.values()):
-        o, t = results["ours"], results["theirs"]
-        print(f"ours / transformers: speed {o['tokens_per_sec'] / t['tokens_per_sec']:.2f}x, "
-              f"peak memory {o['peak_mib'] / t['peak_mib']:.2f}x")
-
+    print(f"ours / transformers: speed {speed['ours'] / speed['theirs']:.2f}x, "
+          f"peak memory {memory['ours']['peak_mib'] / memory['theirs']['peak_mib']:.2f}x")
 
 if __name__ == "__main__":
     main()

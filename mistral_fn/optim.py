@@ -8,7 +8,8 @@
 
 Trees are the parameter pytree (nested dicts/lists, `torch.utils._pytree`). Per-step math runs on whole
 leaf lists with `torch._foreach_*` ops; only freshly allocated results are updated in place. The step
-count is an int64 0-d tensor and learning rates are 0-d float64 tensors, so schedules trace.
+count is an int64 0-d CPU tensor; schedules are tensor functions of it, and the resulting scalars enter
+the foreach ops as Python floats (no device synchronisation, as `torch.optim.AdamW`'s default).
 
 Donation (as `jax.jit(donate_argnums=...)`): `update(..., donate=True)` and
 `apply_updates(..., donate=True)` may overwrite the incoming updates, state and params instead of
@@ -103,11 +104,15 @@ def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 
 
-def _lr_fn(learning_rate) -> Schedule:
+def _lr_fn(learning_rate) -> Callable[[torch.Tensor], float]:
     if callable(learning_rate):
-        return learning_rate
+        return lambda count: float(learning_rate(count))
     value = float(learning_rate)
-    return lambda count: torch.full((), value, dtype=torch.float64, device=count.device)
+    return lambda count: value
+
+
+def _counter() -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64)
 
 
 # ---- transformations ------------------------------------------------------------------------------
@@ -129,15 +134,14 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, 
     lr_fn = _lr_fn(learning_rate)
 
     def init(params):
-        device = pytree.tree_leaves(params)[0].device
-        return AdamWState(torch.zeros((), dtype=torch.int64, device=device), _zeros_f32(params), _zeros_f32(params))
+        return AdamWState(_counter(), _zeros_f32(params), _zeros_f32(params))
 
     def update(grads, state, params=None, *, donate: bool = False):
         g, treedef = _flat(grads)
         g = _as_f32(g)
         lr = lr_fn(state.count)
         count = state.count + 1
-        t = count.double()
+        t = int(count)
         mu, nu = _flat(state.mu)[0], _flat(state.nu)[0]
         if donate:
             torch._foreach_lerp_(mu, g, 1.0 - b1)
@@ -145,20 +149,24 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, 
         else:
             mu, nu = torch._foreach_lerp(mu, g, 1.0 - b1), torch._foreach_mul(nu, b2)
         torch._foreach_addcmul_(nu, g, g, 1.0 - b2)
-        u = torch._foreach_sqrt(nu)  # becomes the update in place: -lr / bc1 * mu / (sqrt(nu / bc2) + eps)
-        torch._foreach_div_(u, torch.sqrt(1.0 - torch.pow(b2, t)))
+        # u = -lr / bc1 * mu / (sqrt(nu) / sqrt(bc2) + eps), built in place (in the donated grads' buffers)
+        if donate:
+            u = g
+            torch.ops.aten._foreach_sqrt.out(nu, out=u)
+        else:
+            u = torch._foreach_sqrt(nu)
+        torch._foreach_div_(u, math.sqrt(1.0 - b2**t))
         torch._foreach_add_(u, eps)
         torch._foreach_reciprocal_(u)
         torch._foreach_mul_(u, mu)
-        torch._foreach_mul_(u, -lr / (1.0 - torch.pow(b1, t)))
+        torch._foreach_mul_(u, -lr / (1.0 - b1**t))
         if weight_decay and params is None:
             raise ConfigError("adamw: weight_decay needs params; call update(grads, state, params)")
         if params is not None:
             p, _ = _flat(params)
             idx = _mask_indices(mask, params, len(p)) if weight_decay else []
             if idx:
-                decay = torch._foreach_mul(_as_f32([p[i] for i in idx]), -lr * weight_decay)
-                torch._foreach_add_([u[i] for i in idx], decay)
+                torch._foreach_add_([u[i] for i in idx], _as_f32([p[i] for i in idx]), alpha=-lr * weight_decay)
             u = _like(u, p)
         return (pytree.tree_unflatten(u, treedef),
                 AdamWState(count, pytree.tree_unflatten(mu, treedef), pytree.tree_unflatten(nu, treedef)))
@@ -174,8 +182,7 @@ def sgd(learning_rate, momentum: float = 0.0, nesterov: bool = False) -> Gradien
     lr_fn = _lr_fn(learning_rate)
 
     def init(params):
-        device = pytree.tree_leaves(params)[0].device
-        return SgdState(torch.zeros((), dtype=torch.int64, device=device), _zeros_f32(params) if momentum else ())
+        return SgdState(_counter(), _zeros_f32(params) if momentum else ())
 
     def update(grads, state, params=None, *, donate: bool = False):
         g, treedef = _flat(grads)

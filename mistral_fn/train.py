@@ -135,21 +135,26 @@ def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: opt
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         micro = split_micro_batches(batch, micro_batch_size)
         params = cast(state.params, compute_dtype) if compute_dtype is not None else state.params
+        n = len(micro) * dp.size  # the loss is the mean of n micro-batch losses (Megatron)
         scale = state.loss_scale.scale if loss_scale else torch.ones(())
         total_loss, acc, treedef = torch.zeros((), dtype=torch.float32), None, None
-        for mb in micro:
-            loss, grads = grad_fn(params, mb, scale)
+        for mb in micro:  # gradients of scale * loss_i / n, summed in place (float32)
+            value, grads = grad_fn(params, mb, scale / n)
             leaves, treedef = pytree.tree_flatten(grads)
             leaves = [g.float() for g in leaves] if compute_dtype is not None else leaves
-            acc = leaves if acc is None else torch._foreach_add(acc, leaves)
-            total_loss = total_loss + loss.float() / scale
-        divisor = len(micro) * dp.size * scale
+            if acc is None:
+                acc = leaves
+            else:
+                torch._foreach_add_(acc, leaves)
+            total_loss = total_loss + value.float() / scale
+        del grads, leaves
         if dp.size > 1:
             acc = [dp.all_reduce(g, "sum") for g in acc]
             total_loss = dp.all_reduce(total_loss, "sum")
-        grads = pytree.tree_unflatten(torch._foreach_div(acc, divisor), treedef)  # fresh: clipped in place
-        del acc, leaves
-        loss = total_loss / (len(micro) * dp.size)
+        if loss_scale:
+            torch._foreach_div_(acc, scale)
+        grads, loss = pytree.tree_unflatten(acc, treedef), total_loss
+        del acc
         norm = global_grad_norm(grads, tp, sharded_paths)
         finite = torch.isfinite(norm) & torch.isfinite(loss)
         new_scale = loss_scale.adjust(state.loss_scale, finite) if loss_scale else ()
