@@ -9,7 +9,7 @@ Ours: `train.make_train_step(donate=True)` with `loss_fn(chunk_size=...)` (float
 time) and `optim.adamw`; bf16 runs keep float32 master weights and moments, as Megatron's `--bf16`.
 Theirs: `model(tokens).logits` + `F.cross_entropy`, `torch.optim.AdamW` (its default implementation);
 bf16 runs use autocast over float32 weights. Speed: both sides in one process, steps alternating, median
-(the machine may be shared). Memory: each side alone in a fresh process. Prints tokens/s, peak memory
+wall and CPU (process) time per step — on a shared machine the CPU-time ratio is the steadier one. Memory: each side alone in a fresh process. Prints tokens/s, peak memory
 growth, model TFLOP/s and the fraction of the measured matmul peak, and the ratios ours / theirs.
 """
 
@@ -87,15 +87,17 @@ def run_case(args) -> dict:
     if args.side == "both":
         runs = {"ours": ours(cfg, args, device), "theirs": theirs(cfg, args, device)}
         data = list(batches(cfg, args, device))
-        times = {side: [] for side in runs}
+        times = {(side, clock): [] for side in runs for clock in ("wall", "cpu")}
         for i, batch in enumerate(data):
             for side, run in runs.items():
-                start = time.perf_counter()
+                wall, cpu = time.perf_counter(), time.process_time()
                 run(batch)
                 sync(device)
                 if i:  # the first step of each side is a warm-up
-                    times[side].append(time.perf_counter() - start)
-        return {side: args.batch * args.seq / sorted(t)[len(t) // 2] for side, t in times.items()}
+                    times[side, "wall"].append(time.perf_counter() - wall)
+                    times[side, "cpu"].append(time.process_time() - cpu)
+        tokens = args.batch * args.seq
+        return {f"{side}_{clock}": tokens / sorted(t)[len(t) // 2] for (side, clock), t in times.items()}
     base = reset_peak(device)
     run = (ours if args.side == "ours" else theirs)(cfg, args, device)
     for batch in batches(cfg, args, device):
@@ -140,10 +142,12 @@ def main():
         if "error" in r:
             raise SystemExit(f"benchmark failed: {r['error']}")
     for side in ("ours", "theirs"):
-        tflops = speed[side] * fpt / 1e12
-        print(f"{side:7} {speed[side]:10.1f} tokens/s  peak +{memory[side]['peak_mib']:8.1f} MiB  "
-              f"{tflops:.3f} model TFLOP/s = {tflops * 1e12 / peak:.0%} of matmul peak")
-    print(f"ours / transformers: speed {speed['ours'] / speed['theirs']:.2f}x, "
+        tflops = speed[f"{side}_wall"] * fpt / 1e12
+        print(f"{side:7} {speed[f'{side}_wall']:10.1f} tokens/s ({speed[f'{side}_cpu']:.1f} per CPU-second)  "
+              f"peak +{memory[side]['peak_mib']:8.1f} MiB  {tflops:.3f} model TFLOP/s = {tflops * 1e12 / peak:.0%} "
+              f"of matmul peak")
+    print(f"ours / transformers: speed {speed['ours_wall'] / speed['theirs_wall']:.2f}x wall, "
+          f"{speed['ours_cpu'] / speed['theirs_cpu']:.2f}x CPU time; "
           f"peak memory {memory['ours']['peak_mib'] / memory['theirs']['peak_mib']:.2f}x")
 
 if __name__ == "__main__":

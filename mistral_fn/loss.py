@@ -98,7 +98,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     at a time. Its gradients (softmax - onehot, times the mask) are contracted with `w` and `h` while the
     slice's logits exist, so backward only scales them: the head matmul is never recomputed.
 
-    Outputs `(total, grad_w, grad_h)`; the last two are carried to backward (non-differentiable).
+    Outputs `(total, grad_w, grad_h)`; the last two are carried to backward (non-differentiable), which
+    scales them in place, so it may run once (no `retain_graph`, no double backward).
     Labels equal to -100 count as masked. Rows of `w` past `vocab` (padding) get logit -inf.
     """
 
@@ -120,7 +121,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             dlogits.scatter_add_(-1, target, -torch.ones_like(target, dtype=dlogits.dtype))
             dlogits = dlogits.mul_(mc[..., None]).to(w.dtype)
             grad_h[:, s:s + chunk] = dlogits @ w
-            grad_w += (dlogits.flatten(0, 1).T @ hc.flatten(0, 1)).float()
+            if grad_w.dtype == dlogits.dtype:
+                grad_w.addmm_(dlogits.flatten(0, 1).T, hc.flatten(0, 1))
+            else:  # bf16/fp16 compute: per-slice product, accumulated in float32
+                grad_w += (dlogits.flatten(0, 1).T @ hc.flatten(0, 1)).float()
         return total, grad_w, grad_h
 
     @staticmethod
@@ -132,5 +136,6 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_w, _grad_h):
-        grad_w, grad_h = ctx.saved_tensors
-        return (grad_w * grad_total).to(ctx.w_dtype), grad_h * grad_total.to(grad_h.dtype), None, None, None, None
+        grad_w, grad_h = ctx.saved_tensors  # scaled in place: this backward runs once
+        grad_w = grad_w.mul_(grad_total).to(ctx.w_dtype)
+        return grad_w, grad_h.mul_(grad_total.to(grad_h.dtype)), None, None, None, None
