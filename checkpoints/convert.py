@@ -16,7 +16,7 @@ import torch
 
 from checkpoints.hf import TOKENIZER_FILES, save_hf
 from checkpoints.lazy import LazyTensor, lazy_hf, tree_stats
-from checkpoints.megatron import check_parallel, read_megatron, save_megatron
+from checkpoints.megatron import CONVERTER_ITERATION, check_parallel, read_megatron, save_megatron
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import CheckpointError, ConfigError
 from mistral_fn.params import leaves_with_paths, map_with_path
@@ -24,6 +24,9 @@ from mistral_fn.params import leaves_with_paths, map_with_path
 FORMATS = ("hf", "megatron")
 MG2HG = "mg2hg"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# HF output shard size: `save_hf` holds one shard in memory (twice, while safetensors serialises it),
+# so 1 GB shards keep HF writing near the one-layer bound (a Mistral-7B layer is 0.44 GB in bf16).
+HF_SHARD_BYTES = 10**9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +54,8 @@ def convert(loader: str, saver: str, load_dir, save_dir, *, tp: int = 1, pp: int
     for name, fmt in (("loader", loader), ("saver", saver)):
         if fmt not in FORMATS:
             raise ConfigError(f"--{name}={fmt!r}: expected one of {', '.join(FORMATS)}")
+    if hf_config is not None and loader != "megatron":
+        raise ConfigError("--hf_config describes a Megatron input; an HF input has its own config.json")
     start = time.perf_counter()
     out_dir = Path(save_dir)
     reference = Path(hf_config) if hf_config is not None else None
@@ -60,19 +65,21 @@ def convert(loader: str, saver: str, load_dir, save_dir, *, tp: int = 1, pp: int
         raise CheckpointError(f"{out_dir}: already exists; pass --overwrite to replace it")
     hf = MistralConfig.from_hf(reference) if reference is not None else None
     if loader == "hf":
-        config, params = lazy_hf(load_dir)
+        (config, params), iteration = lazy_hf(load_dir), CONVERTER_ITERATION
     else:
-        config, _, params = read_megatron(load_dir, hf)
+        config, source, params = read_megatron(load_dir, hf)
+        iteration = source.iteration
     if saver == "megatron":
         check_parallel(config, tp, pp, make_vocab_size_divisible_by)
         tick = progress(tp * config.n_layers) if progress else None
         count, nbytes = save_megatron(out_dir, config, params, tp=tp, pp=pp, dtype=dtype,
                                       make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                                      overwrite=overwrite, on_layer=tick)
+                                      iteration=iteration, overwrite=overwrite, on_layer=tick)
     else:
         tick = progress(config.n_layers) if progress else None
         save_hf(out_dir, config, _ticking(params, tick) if tick else params, dtype=dtype,
-                tokenizer=tokenizer or _tokenizer_source(reference), overwrite=overwrite)
+                max_shard_bytes=HF_SHARD_BYTES, tokenizer=tokenizer or _tokenizer_source(reference),
+                overwrite=overwrite)
         count, nbytes = tree_stats(params, dtype)
     return Summary(out_dir, count, nbytes, time.perf_counter() - start)
 

@@ -25,14 +25,14 @@ SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LazyTensor:
-    """A tensor of `shape` and `dtype` produced by `read()` on demand (each call reads it again)."""
+    """A tensor of `shape` and `dtype` that `reader()` produces on demand (each `load` reads it again)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    read: Callable[[], torch.Tensor]
+    reader: Callable[[], torch.Tensor]
 
     def load(self) -> torch.Tensor:
-        return self.read()
+        return self.reader()
 
     def numel(self) -> int:
         return int(torch.Size(self.shape).numel())
@@ -41,23 +41,17 @@ class LazyTensor:
         return self.dtype.itemsize
 
     def detach(self) -> torch.Tensor:
-        return self.read()
+        """`load()`: how `save_hf` takes a leaf's data."""
+        return self.reader()
 
 
-def is_lazy(x) -> bool:
-    return isinstance(x, LazyTensor)
-
-
-def materialize(tree):
-    """The tree with every `LazyTensor` read (tensors pass through)."""
-    return tree_map(lambda x: x.load() if is_lazy(x) else x, tree)
-
-
-def cast_lazy(tree, dtype: torch.dtype | None):
-    """Every lazy leaf converted to `dtype` when read (None: unchanged)."""
-    if dtype is None:
-        return tree
-    return tree_map(lambda x: LazyTensor(x.shape, dtype, lambda: x.load().to(dtype)), tree)
+def materialize(tree, dtype: torch.dtype | None = None):
+    """The tree with every `LazyTensor` read (tensors pass through), each leaf cast to `dtype` as it is
+    read (None keeps the stored dtype), so at most one leaf exists twice at a time."""
+    def read(x):
+        x = x.load() if isinstance(x, LazyTensor) else x
+        return x if dtype is None else x.to(dtype)
+    return tree_map(read, tree)
 
 
 def lazy_hf(hf_dir: str | os.PathLike) -> tuple[MistralConfig, dict]:

@@ -11,7 +11,7 @@ Layout (shared/megatron_formats.md sections 1-3)::
                                       "output_layer": {"weight"}}}}                     last stage
 
 A rank's tensors are our TP shards (`sharding.shard` with `sharding.mistral_rules`) renamed by
-`LAYER_KEYS` and fused per rank by `FUSE`: QKV grouped per query group `[ng/T, (r+2)*hd, D]`, and
+`LAYER_KEYS` and fused per rank by `TRANSFORMS`: QKV grouped per query group `[ng/T, (r+2)*hd, D]`, and
 `dense_h_to_4h = [gate_t; up_t]`. Layer `j` of stage `p` is global layer `p*L/PP + j`. Writing reads
 one layer at a time per rank; reading returns a lazy tree that opens the rank files per tensor.
 """
@@ -173,7 +173,7 @@ def megatron_args(config: MistralConfig, tp: int, pp: int, dtype: torch.dtype, d
 
 
 # Fields a checkpoint's args and an HF config must agree on: (args name, config field).
-_SHAPE_FIELDS = (("num_layers", "n_layers"), ("hidden_size", "dim"), ("ffn_hidden_size", "ffn_dim"),
+_CHECKED_FIELDS = (("num_layers", "n_layers"), ("hidden_size", "dim"), ("ffn_hidden_size", "ffn_dim"),
                  ("num_attention_heads", "n_heads"), ("num_query_groups", "n_kv_heads"),
                  ("kv_channels", "head_dim"), ("true_vocab_size", "vocab_size"), ("rotary_base", "rope_theta"))
 _REQUIRED_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -192,7 +192,7 @@ def config_from_args(args, source: Path, hf: MistralConfig | None = None) -> Mis
         raise CheckpointError(f"{source}: args lack {missing[0]!r}")
     values = _args_values(args)
     if hf is not None:
-        for name, field in _SHAPE_FIELDS:
+        for name, field in _CHECKED_FIELDS:
             if values.get(field) is not None and values[field] != getattr(hf, field):
                 raise CheckpointError(f"{source}: args {name}={values[field]!r} does not match the HF config's "
                                       f"{field}={getattr(hf, field)!r}")
@@ -205,13 +205,14 @@ def config_from_args(args, source: Path, hf: MistralConfig | None = None) -> Mis
                               "with the HF config.json or model directory to take rope_theta from")
     values.setdefault("vocab_size", args.padded_vocab_size)
     try:
-        return MistralConfig(**{k: v for k, v in values.items() if v is not None or k == "sliding_window"})
+        return MistralConfig(**values)
     except ConfigError as e:
         raise CheckpointError(f"{source}: args describe no valid Mistral model ({e})") from None
 
 
 def _args_values(args) -> dict:
-    """`MistralConfig` fields read from Megatron args (absent ones left out, `vocab_size` only if stored)."""
+    """`MistralConfig` fields read from Megatron args; absent ones are left out, except `sliding_window`
+    (Megatron's default None: full attention)."""
     get = lambda name: getattr(args, name, None)  # noqa: E731
     values = {
         "n_layers": get("num_layers"), "dim": get("hidden_size"), "ffn_dim": get("ffn_hidden_size"),
@@ -283,9 +284,13 @@ def _location(path: str, config: MistralConfig, pp: int) -> tuple[int, tuple[str
 # ---- writing ---------------------------------------------------------------------------------------
 
 def save_megatron(out_dir: str | os.PathLike, config: MistralConfig, params, *, tp: int, pp: int,
-                  dtype: torch.dtype | None = None, make_vocab_size_divisible_by: int = 1, overwrite: bool = False,
+                  dtype: torch.dtype | None = None, make_vocab_size_divisible_by: int = 1,
+                  iteration: int | str = CONVERTER_ITERATION, overwrite: bool = False,
                   on_layer: Callable[[], None] | None = None) -> tuple[int, int]:
-    """Write `params` (tensors or lazy) as a ModelLink checkpoint at iteration 1; return (tensors, bytes).
+    """Write `params` (tensors or lazy) as a ModelLink checkpoint; return (tensors, bytes).
+
+    `iteration` is 1 for a conversion from HF (as ModelLink writes); a re-shard keeps the source's
+    (an int, or "release": the `release/` directory, stored iteration 0).
 
     Ranks are written one at a time, each reading its stage's layers one by one, so memory holds one
     rank's state plus one full layer. Atomic: nothing is left at `out_dir` unless every file is written.
@@ -300,14 +305,15 @@ def save_megatron(out_dir: str | os.PathLike, config: MistralConfig, params, *, 
         for p in range(pp):
             for t in range(tp):
                 model = rank_model(params, specs, config, tp, pp, t, p, dtype, on_layer)
-                file = tmp / iteration_dirname(CONVERTER_ITERATION) / rank_dirname(t, p, pp) / RANK_FILE
+                file = tmp / iteration_dirname(iteration) / rank_dirname(t, p, pp) / RANK_FILE
                 file.parent.mkdir(parents=True)
-                save_pt({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": CONVERTER_ITERATION,
+                save_pt({"args": args, "checkpoint_version": CHECKPOINT_VERSION,
+                         "iteration": 0 if iteration == "release" else iteration,
                          "model": model, "num_floating_point_operations_so_far": 0}, file)
                 tensors = [x for _, x in leaves_with_paths(model)]
                 count, nbytes = count + len(tensors), nbytes + sum(x.numel() * x.element_size() for x in tensors)
                 del model, tensors
-        (tmp / TRACKER).write_text(str(CONVERTER_ITERATION), encoding="ascii")
+        (tmp / TRACKER).write_text(str(iteration), encoding="ascii")
     return count, nbytes
 
 
@@ -345,8 +351,8 @@ def read_megatron(ckpt_dir: str | os.PathLike, hf: MistralConfig | None = None):
     ckpt_dir = Path(ckpt_dir)
     iteration = read_tracker(ckpt_dir)
     first = ckpt_dir / iteration_dirname(iteration) / rank_dirname(0, 0, 1) / RANK_FILE
-    if not first.exists():
-        first = ckpt_dir / iteration_dirname(iteration) / rank_dirname(0, 0, 2) / RANK_FILE
+    if not first.exists():  # pipeline-parallel naming, mp_rank_00_000
+        first = ckpt_dir / iteration_dirname(iteration) / rank_dirname(0, 0, pp=2) / RANK_FILE
     args = _load_dict(first).get("args")
     config = config_from_args(args, first, hf)
     ckpt = MegatronCheckpoint(ckpt_dir, iteration, args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args)

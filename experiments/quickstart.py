@@ -1,12 +1,27 @@
-"""The main job. Today: the embedded default model end to end on one device — random weights,
-forward, loss and gradient through `torch.func`, an HF checkpoint round trip. Later stages
-(conversion, data, training, generation, evaluation) join as their issues land.
+"""The main job: the seed recipe's whole pipeline, end to end, on an embedded default that runs offline on a
+2-core CPU in a few minutes — or on real weights and data when given paths.
 
-    python -m experiments.quickstart [--preset=tiny] [--workdir=workdir/quickstart]
+    python -m experiments.quickstart                     # embedded default: tiny random model, committed samples
+    python -m experiments.quickstart --hf_dir=Mistral-7B-Instruct-v0.2 --data=alpaca.parquet \
+        --mmlu_dir=mmlu/data --tp=8 --model=mistral-7b-instruct-v0.2
+
+Stages (each prints what it did, where it wrote, and its figures; everything goes under --workdir):
+  1 model      a small Mistral-shaped model saved as an HF checkpoint (or --hf_dir)
+  2 convert    HF -> Megatron tp×pp1 -> HF, checked bit-exact (experiments.convert_ckpt)
+  3 data       the alpaca-style sample -> Megatron indexed datasets, pretraining and instruction (preprocess_data)
+  4 pretrain   TP over gloo/hccl/nccl via torchrun from the Megatron checkpoint (experiments.pretrain)
+  5 finetune   instruction fine-tuning from the pretrained checkpoint (--finetune --is_instruction_dataset)
+  6 generate   the `mixtral` chat template, greedy, on the fine-tuned model (experiments.generate)
+  7 evaluate   MMLU-format questions, the seed's protocol and lm-eval-harness' (experiments.evaluate)
+  8 plot       the loss curves as a PNG (experiments.plot_metrics)
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,52 +31,165 @@ from absl import app, flags
 import checkpoints
 import mistral_fn as mf
 from experiments.cli import main_guard
+from experiments.plot_metrics import plot_loss, read_metrics
+from mistral_fn.errors import MistralFnError
+from mistral_fn.tokenizer import default_tokenizer_path
 
-_PRESET = flags.DEFINE_string("preset", "tiny", f"model preset: {', '.join(sorted(mf.PRESETS))}")
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/quickstart", "where outputs go (git-ignored)")
-_SEED = flags.DEFINE_integer("seed", 0, "parameter and data seed")
-_SEQ = flags.DEFINE_integer("seq_len", 64, "tokens per sequence")
-_BATCH = flags.DEFINE_integer("batch_size", 4, "sequences per batch")
+HERE = Path(__file__).resolve().parent
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/quickstart", "everything the quickstart writes goes here")
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "a real HF Mistral directory (default: build a small random model)")
+_MODEL = flags.DEFINE_string("model", "tiny", f"preset of the model ({', '.join(sorted(mf.PRESETS))}); "
+                             "with --hf_dir it must describe that checkpoint")
+_DATA = flags.DEFINE_string("data", str(HERE / "data" / "alpaca_sample.jsonl"),
+                            "alpaca-style parquet/jsonl (instruction, input, output, text columns)")
+_MMLU = flags.DEFINE_string("mmlu_dir", str(HERE / "data" / "mmlu"), "MMLU-format directory with test/ and dev/")
+_TP = flags.DEFINE_integer("tp", 2, "tensor-parallel size (processes started by torchrun)")
+_PRETRAIN_ITERS = flags.DEFINE_integer("pretrain_iters", 40, "pretraining steps")
+_FINETUNE_ITERS = flags.DEFINE_integer("finetune_iters", 30, "fine-tuning steps")
+_SEQ = flags.DEFINE_integer("seq_length", 128, "training sequence length")
+_GBS = flags.DEFINE_integer("global_batch_size", 8, "sequences per optimizer step")
+_SEED = flags.DEFINE_integer("seed", 0, "seed of the random model and of training")
+_PROMPT = flags.DEFINE_string("prompt", "Give three tips for staying healthy.", "the generation stage's prompt")
+
+STAGES = 8
 
 
-def stage(title: str) -> None:
-    print(f"\n== {title}")
+class StageError(MistralFnError):
+    """A pipeline stage's command failed; the message names the stage and its log file."""
+
+
+class Pipeline:
+    """Runs the stage commands, each logged to `<workdir>/logs/<name>.log`."""
+
+    def __init__(self, workdir: Path, tp: int):
+        self.workdir, self.tp = workdir, tp
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.index = 0
+
+    def stage(self, title: str) -> float:
+        self.index += 1
+        print(f"\n== [{self.index}/{STAGES}] {title}", flush=True)
+        return time.perf_counter()
+
+    def run(self, name: str, module: str, *flag_args: str, distributed: bool = False) -> tuple[str, str]:
+        """Run `python -m module` (under torchrun with --tp processes when `distributed`); (stdout, stderr)."""
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.tp}"] \
+            if distributed else [sys.executable]
+        cmd = [*launcher, "-m", module, *flag_args]
+        log = self.logs / f"{name}.log"
+        print("$ " + " ".join(_short(a) for a in cmd[cmd.index("-m", 1 if distributed else 0):]), flush=True)
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}", encoding="utf-8")
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+            raise StageError(f"stage {name} failed (exit {proc.returncode}): {tail} — full log: {log}")
+        return proc.stdout, proc.stderr
+
+
+def _short(arg: str) -> str:
+    return arg.replace(str(Path.cwd()) + os.sep, "")
+
+
+def _summary(metrics: Path) -> tuple[list[dict], dict]:
+    records = read_metrics(metrics)
+    lines = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    summary = next((r for r in reversed(lines) if r.get("summary")), {})
+    return records, summary
 
 
 @main_guard
 def main(argv):
     del argv
-    cfg = mf.MistralConfig.preset(_PRESET.value)
+    started = time.perf_counter()
     workdir = Path(_WORKDIR.value)
-    stage(f"model: preset {_PRESET.value!r}")
-    params = mf.init_params(cfg, seed=_SEED.value)
-    print(f"{mf.count_params(params):,} parameters; dim {cfg.dim}, layers {cfg.n_layers}, heads {cfg.n_heads}/"
-          f"{cfg.n_kv_heads} kv, ffn {cfg.ffn_dim}, vocab {cfg.vocab_size}, rope theta {cfg.rope_theta:g}, "
-          f"window {cfg.sliding_window}")
+    p = Pipeline(workdir, _TP.value)
+    tokenizer_model = str(Path(_HF_DIR.value) / "tokenizer.model") if _HF_DIR.value else default_tokenizer_path()
 
-    stage("forward and loss")
-    g = torch.Generator().manual_seed(_SEED.value)
-    x = torch.randint(0, cfg.vocab_size, (_BATCH.value, _SEQ.value + 1), generator=g)
-    batch = {"tokens": x[:, :-1], "labels": x[:, 1:], "loss_mask": torch.ones_like(x[:, 1:])}
-    start = time.perf_counter()
-    logits = mf.forward(params, batch["tokens"], cfg)
-    elapsed = time.perf_counter() - start
-    print(f"logits {tuple(logits.shape)} {logits.dtype}; first row head {logits[0, 0, :4].tolist()}")
-    print(f"forward: {batch['tokens'].numel() / elapsed:,.0f} tokens/s")
-    grads, loss = torch.func.grad_and_value(mf.loss_fn)(params, batch, cfg)
-    gnorm = torch.sqrt(sum(g.float().pow(2).sum() for g in torch.utils._pytree.tree_leaves(grads)))
-    print(f"loss {loss.item():.4f} (ln V = {torch.log(torch.tensor(float(cfg.vocab_size))).item():.4f}); "
-          f"grad norm {gnorm.item():.4f}")
+    t = p.stage("model")
+    if _HF_DIR.value:
+        hf_dir = Path(_HF_DIR.value)
+        cfg = mf.MistralConfig.from_hf(hf_dir)
+        print(f"using {hf_dir}")
+    else:
+        hf_dir = workdir / "hf"
+        cfg = mf.MistralConfig.preset(_MODEL.value)
+        params = mf.init_params(cfg, seed=_SEED.value)
+        checkpoints.save_hf(hf_dir, cfg, params, tokenizer=tokenizer_model, overwrite=True)
+        print(f"random {_MODEL.value!r} model, {mf.count_params(params):,} parameters -> {hf_dir} "
+              f"({time.perf_counter() - t:.1f} s)")
+    print(f"dim {cfg.dim}, layers {cfg.n_layers}, heads {cfg.n_heads}/{cfg.n_kv_heads} kv, vocab {cfg.vocab_size}, "
+          f"rope theta {cfg.rope_theta:g}, window {cfg.sliding_window}")
 
-    stage("HF checkpoint round trip")
-    hf_dir = workdir / "hf"
-    checkpoints.save_hf(hf_dir, cfg, params, overwrite=True)
-    cfg2, params2 = checkpoints.load_hf(hf_dir)
-    same = torch.equal(mf.forward(params2, batch["tokens"], cfg2), logits)
-    print(f"wrote {hf_dir}; reloaded logits identical: {same}")
-    if not same:
-        raise SystemExit("HF round trip changed the logits")
-    print("\nquickstart: all stages succeeded")
+    t = p.stage(f"convert: HF -> Megatron tp{p.tp}-pp1 -> HF")
+    megatron_dir, back_dir = workdir / f"megatron_tp{p.tp}", workdir / "hf_from_megatron"
+    p.run("convert_hf2mg", "experiments.convert_ckpt", "--loader=hf", "--saver=megatron", f"--load_dir={hf_dir}",
+          f"--save_dir={megatron_dir}", f"--target_tensor_parallel_size={p.tp}", "--target_pipeline_parallel_size=1",
+          f"--tokenizer_model={tokenizer_model}", "--overwrite")
+    p.run("convert_mg2hf", "experiments.convert_ckpt", "--loader=megatron", "--saver=hf", f"--load_dir={megatron_dir}",
+          f"--save_dir={back_dir}", f"--hf_config={hf_dir}", "--overwrite")
+    exact = _same_params(hf_dir, back_dir)
+    ranks = sorted(d.name for d in (megatron_dir / "iter_0000001").iterdir())
+    print(f"{megatron_dir}: {', '.join(ranks)}; back in {back_dir}; round trip bit-exact: {exact} "
+          f"({time.perf_counter() - t:.1f} s)")
+    if not exact:
+        raise StageError("convert: the HF -> Megatron -> HF round trip changed the weights")
+
+    t = p.stage("data: preprocess into Megatron indexed datasets")
+    prefix = workdir / "data" / "alpaca"
+    for name, extra in (("preprocess_pretrain", ["--json_keys=text"]),
+                        ("preprocess_sft", ["--handler_name=GeneralInstructionHandler", "--append_eod"])):
+        out, _ = p.run(name, "experiments.preprocess_data", f"--input={_DATA.value}", f"--tokenizer_model={tokenizer_model}",
+                    f"--output_prefix={prefix}" + ("_sft" if name.endswith("sft") else ""), "--workers=2", *extra)
+        print("  " + next((line for line in out.splitlines() if line.startswith("wrote")), out.strip()))
+    print(f"({time.perf_counter() - t:.1f} s)")
+
+    train_flags = [f"--model={_MODEL.value}", f"--tensor_model_parallel_size={p.tp}", f"--seq_length={_SEQ.value}",
+                   "--micro_batch_size=2", f"--global_batch_size={_GBS.value}", f"--tokenizer_model={tokenizer_model}",
+                   f"--seed={_SEED.value}", "--split=100,0,0", "--log_interval=1"]
+    stats = {}
+    for name, load, iters, extra in (
+        ("pretrain", megatron_dir, _PRETRAIN_ITERS.value, [f"--data_path={prefix}_text_document", "--lr=3e-3",
+                                                            "--lr_warmup_fraction=0.1"]),
+        ("finetune", workdir / "pretrain", _FINETUNE_ITERS.value, [f"--data_path={prefix}_sft", "--finetune",
+                                                                  "--is_instruction_dataset", "--lr=1e-3"]),
+    ):
+        t = p.stage(f"{name}: TP={p.tp} over torchrun")
+        p.run(name, "experiments.pretrain", *train_flags, *extra, f"--load={load}", f"--train_iters={iters}",
+              f"--save={workdir / name}", distributed=True)
+        records, summary = _summary(workdir / name / "metrics.jsonl")
+        stats[name] = records
+        print(f"{len(records)} steps: loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}; "
+              f"{summary.get('mean_tokens_per_sec', float('nan')):,.0f} tokens/s; skipped "
+              f"{summary.get('skipped_total', 0)}; checkpoint {workdir / name} ({time.perf_counter() - t:.1f} s)")
+
+    t = p.stage("generate: mixtral template, greedy")
+    out, err = p.run("generate", "experiments.generate", f"--load={workdir / 'finetune'}", f"--tokenizer_model={tokenizer_model}",
+                "--prompt_type=mixtral", f"--prompt={_PROMPT.value}", "--max_new_tokens=24", distributed=True)
+    print(f"prompt {_PROMPT.value!r} -> {out.strip()[:200]!r}")
+    print("  " + (err.strip().splitlines() or [""])[-1])
+
+    t = p.stage("evaluate: MMLU format")
+    for protocol in ("modellink", "harness"):
+        results_path = workdir / f"mmlu_{protocol}.json"
+        p.run(f"evaluate_{protocol}", "experiments.evaluate", "--task=mmlu", f"--data_path={Path(_MMLU.value) / 'test'}",
+              f"--protocol={protocol}", f"--load={workdir / 'finetune'}", f"--tokenizer_model={tokenizer_model}",
+              f"--results_path={results_path}", "--batch_size=4", distributed=True)
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+        print(f"{protocol}: accuracy {results['accuracy']:.3f} over {len(results['predictions'])} questions "
+              f"-> {results_path}")
+
+    p.stage("plot: loss curves")
+    for name, records in stats.items():
+        print(f"{plot_loss(records, workdir / f'{name}_loss.png', f'{name} (quickstart)')}")
+    print(f"\nquickstart: all {STAGES} stages succeeded in {time.perf_counter() - started:.0f} s; outputs in {workdir}")
+
+
+def _same_params(dir_a: Path, dir_b: Path) -> bool:
+    (cfg_a, a), (cfg_b, b) = checkpoints.load_hf(dir_a), checkpoints.load_hf(dir_b)
+    leaves_a, leaves_b = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+    return cfg_a == cfg_b and all(torch.equal(x, y) for x, y in zip(leaves_a, leaves_b, strict=True))
 
 
 if __name__ == "__main__":

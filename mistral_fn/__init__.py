@@ -12,9 +12,18 @@ from mistral_fn.loss import loss_fn, token_losses  # noqa: E402
 from mistral_fn.model import forward, hidden_states, output_logits  # noqa: E402
 from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel  # noqa: E402
 from mistral_fn.params import count_params, init_params, param_shapes  # noqa: E402
+from mistral_fn import data, tokenizer  # noqa: E402
+from mistral_fn.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+from mistral_fn import evaluation, kv_cache, sampling  # noqa: E402
+from mistral_fn.generate import generate, generate_stream, next_token_logits, stream_text  # noqa: E402
+from mistral_fn.kv_cache import init_cache  # noqa: E402
+from mistral_fn.model import forward_with_cache, hidden_states_with_cache  # noqa: E402
 
 __all__ = [
     "MistralConfig", "PRESETS", "init_params", "param_shapes", "count_params", "forward", "hidden_states",
     "output_logits", "loss_fn", "token_losses", "TensorParallel", "SINGLE_DEVICE",
     "MistralFnError", "ConfigError", "CheckpointError", "InputError",
+    "data", "tokenizer", "Tokenizer", "load_tokenizer",
+    "generate", "generate_stream", "next_token_logits", "stream_text", "init_cache",
+    "forward_with_cache", "hidden_states_with_cache", "kv_cache", "sampling", "evaluation",
 ]

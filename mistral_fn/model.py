@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mistral_fn import kernels
+from mistral_fn import kernels, kv_cache
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import InputError
 from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel
@@ -45,10 +45,15 @@ def qkv(p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim
     return kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin), v
 
 
-def self_attention(p, x, cos, sin, mask, config: MistralConfig, tp: TensorParallel = SINGLE_DEVICE):
-    """Attention sub-block on normalised `x` `[B, T, D]`; column-parallel q/k/v, row-parallel wo."""
+def self_attention(p, x, cos, sin, mask, config: MistralConfig, tp: TensorParallel = SINGLE_DEVICE, kv=None):
+    """Attention sub-block on normalised `x` `[B, T, D]`; column-parallel q/k/v, row-parallel wo.
+
+    `kv` (`kv_cache.layer_update`) maps this chunk's keys/values to those attended over (with a cache).
+    """
     x = tp.copy_to(x)
     q, k, v = qkv(p, x, cos, sin, config.head_dim)
+    if kv is not None:
+        k, v = kv(k, v)
     out = kernels.attention(q, k, v, mask, config.sliding_window)
     return tp.reduce_from(F.linear(out.flatten(2), p["wo"]))
 
@@ -59,9 +64,10 @@ def mlp(p: dict, x: torch.Tensor, tp: TensorParallel = SINGLE_DEVICE) -> torch.T
     return tp.reduce_from(F.linear(kernels.swiglu(F.linear(x, p["w_gate"]), F.linear(x, p["w_up"])), p["w_down"]))
 
 
-def block(p, h, cos, sin, mask, config: MistralConfig, tp: TensorParallel = SINGLE_DEVICE):
-    """One pre-norm decoder layer."""
-    h = h + self_attention(p["attn"], kernels.rms_norm(h, p["attn_norm"], config.norm_eps), cos, sin, mask, config, tp)
+def block(p, h, cos, sin, mask, config: MistralConfig, tp: TensorParallel = SINGLE_DEVICE, kv=None):
+    """One pre-norm decoder layer (`kv`: see `self_attention`)."""
+    h = h + self_attention(p["attn"], kernels.rms_norm(h, p["attn_norm"], config.norm_eps), cos, sin, mask, config,
+                           tp, kv)
     return h + mlp(p["mlp"], kernels.rms_norm(h, p["mlp_norm"], config.norm_eps), tp)
 
 
@@ -69,8 +75,8 @@ def check_tokens(tokens: torch.Tensor, config: MistralConfig) -> None:
     """Raise `InputError` unless `tokens` is an integer `[B, T]` tensor of ids in `[0, vocab_size)`."""
     if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
         raise InputError(f"tokens must be an int64 tensor [batch, seq], got {tokens.dtype} {tuple(tokens.shape)}")
-    if tokens.device.type == "meta" or tokens.numel() == 0:
-        return
+    if tokens.device.type == "meta" or tokens.numel() == 0 or torch.compiler.is_compiling():
+        return  # nothing to read (meta), or inside a compiled graph where a host sync would break it
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= config.vocab_size:
         bad = lo if lo < 0 else hi
@@ -117,3 +123,26 @@ def forward(params, tokens, config: MistralConfig, *, positions=None, tp: Tensor
     `positions` (`[T]` or `[B, T]`, default `0..T-1`) set the rotary phases and the causal/window mask.
     """
     return output_logits(params, hidden_states(params, tokens, config, positions=positions, tp=tp), config, tp)
+
+
+def hidden_states_with_cache(params, tokens, config: MistralConfig, cache, positions, *,
+                             tp: TensorParallel = SINGLE_DEVICE):
+    """`(hidden [B, C, D], cache)` for a chunk `tokens` `[B, C]` at `positions` `[B, C]` continuing `cache`
+    (`kv_cache.init_cache`; donated: continue from the returned one). Negative positions mark left
+    padding: computed, never attended to by real tokens."""
+    check_tokens(tokens, config)
+    if positions.shape != tokens.shape:
+        raise InputError(f"positions {tuple(positions.shape)} do not match tokens {tuple(tokens.shape)}")
+    h = embed(params["embed"], tokens, tp)
+    step = kv_cache.plan_step(cache, positions, config.sliding_window)
+    cos, sin = rope_tables(positions, config.head_dim, config.rope_theta, h.dtype)
+    for i, layer in enumerate(params["layers"]):
+        h = block(layer, h, cos, sin, step.mask, config, tp, kv_cache.layer_update(cache, i, step))
+    return kernels.rms_norm(h, params["norm"], config.norm_eps), kv_cache.advance(cache, step, tokens.shape[1])
+
+
+def forward_with_cache(params, tokens, config: MistralConfig, cache, positions, *, tp: TensorParallel = SINGLE_DEVICE):
+    """`(logits [B, C, V] float32, cache)`: `forward` of one chunk continuing a KV cache (see
+    `hidden_states_with_cache`); the same logits as the uncached forward over the whole sequence."""
+    h, cache = hidden_states_with_cache(params, tokens, config, cache, positions, tp=tp)
+    return output_logits(params, h, config, tp), cache

@@ -70,6 +70,7 @@ def _device_mesh(device_type: str, shape: dict[str, int]):
     if not dist.is_initialized():
         missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
         if missing:
-            raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set; launch with torchrun")
+            world = os.environ["WORLD_SIZE"]
+            raise ConfigError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; launch with torchrun")
         dist.init_process_group(backend=_device.dist_backend(device_type))
     return init_device_mesh(device_type, tuple(shape.values()), mesh_dim_names=tuple(shape))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from mistral_fn.errors import ConfigError
 
 
@@ -18,6 +20,7 @@ def padded_vocab_size(vocab: int, tp: int, divisible_by: int = 1) -> int:
     return -(-vocab // multiple) * multiple
 
 
+@dataclasses.dataclass(frozen=True, init=False)
 class PartitionSpec:
     """How one leaf lies on a mesh: per tensor dim, the mesh axis it is split over (None = whole).
 
@@ -27,7 +30,9 @@ class PartitionSpec:
     with copies of the last real row (as Megatron/ModelLink do); `unshard` drops them again.
     """
 
-    __slots__ = ("axes", "unpadded", "divisible_by")
+    axes: tuple[str | None, ...]
+    unpadded: int | None = None
+    divisible_by: int = 1
 
     def __init__(self, *axes: str | None, unpadded: int | None = None, divisible_by: int = 1):
         named = [a for a in axes if a is not None]
@@ -35,6 +40,8 @@ class PartitionSpec:
             raise ConfigError(f"partition spec axes must be mesh axis names or None, got {axes!r}")
         if len(set(named)) != len(named):
             raise ConfigError(f"partition spec {axes!r} splits two dims over the same mesh axis")
+        if unpadded is None and divisible_by != 1:
+            raise ConfigError(f"partition spec {axes!r}: divisible_by={divisible_by} needs the unpadded size")
         if unpadded is not None:
             if len(named) != 1:
                 raise ConfigError(f"a padded partition spec must split exactly one dim, got {axes!r}")
@@ -42,18 +49,6 @@ class PartitionSpec:
         object.__setattr__(self, "axes", tuple(axes))
         object.__setattr__(self, "unpadded", unpadded)
         object.__setattr__(self, "divisible_by", divisible_by)
-
-    def __setattr__(self, name, value):
-        raise AttributeError("PartitionSpec is immutable")
-
-    def _key(self):
-        return self.axes, self.unpadded, self.divisible_by if self.unpadded is not None else 1
-
-    def __eq__(self, other):
-        return isinstance(other, PartitionSpec) and self._key() == other._key()
-
-    def __hash__(self):
-        return hash(self._key())
 
     def __repr__(self):
         pad = f", unpadded={self.unpadded}, divisible_by={self.divisible_by}" if self.unpadded is not None else ""

@@ -166,12 +166,20 @@ def test_modellink_args_without_rotary_base_need_hf_config(hf_dir, tmp_path):
     _same_params(params, checkpoints.load_hf(hf_dir)[1])
 
 
-def test_release_directory_is_read(hf_dir, tmp_path):
+def test_release_and_trained_iterations_are_read_and_kept(hf_dir, tmp_path):
     convert("hf", "megatron", hf_dir, tmp_path / "mg", tp=2)
     os.rename(tmp_path / "mg" / "iter_0000001", tmp_path / "mg" / "release")
     (tmp_path / "mg" / "latest_checkpointed_iteration.txt").write_text("release\n")
     convert("megatron", "hf", tmp_path / "mg", tmp_path / "back")
     _same_params(checkpoints.load_hf(tmp_path / "back")[1], checkpoints.load_hf(hf_dir)[1])
+    convert("megatron", "megatron", tmp_path / "mg", tmp_path / "released", tp=1)
+    assert (tmp_path / "released" / "latest_checkpointed_iteration.txt").read_text() == "release"
+    assert load_pt(tmp_path / "released" / "release" / "mp_rank_00" / "model_optim_rng.pt")["iteration"] == 0
+    os.rename(tmp_path / "mg" / "release", tmp_path / "mg" / "iter_0001000")  # a trained checkpoint
+    (tmp_path / "mg" / "latest_checkpointed_iteration.txt").write_text("1000")
+    convert("megatron", "megatron", tmp_path / "mg", tmp_path / "trained", tp=1)
+    assert (tmp_path / "trained" / "latest_checkpointed_iteration.txt").read_text() == "1000"
+    assert load_pt(tmp_path / "trained" / "iter_0001000" / "mp_rank_00" / "model_optim_rng.pt")["iteration"] == 1000
 
 
 # ---- bad input: one clear error, nothing left behind ---------------------------------------------
@@ -188,6 +196,10 @@ def test_heads_not_divisible_by_target_tp(hf_dir, tmp_path):
     _fails(tmp_path, "n_heads=16 is not divisible by tensor-parallel size tp=3", "hf", "megatron", hf_dir, tp=3)
     _fails(tmp_path, "n_kv_heads=8 is not divisible by tensor-parallel size tp=16", "hf", "megatron", hf_dir, tp=16)
     _fails(tmp_path, "n_layers=4 is not divisible by pipeline-parallel size pp=3", "hf", "megatron", hf_dir, pp=3)
+
+
+def test_hf_config_is_for_megatron_input_only(hf_dir, tmp_path):
+    _fails(tmp_path, "--hf_config describes a Megatron input", "hf", "megatron", hf_dir, hf_config=hf_dir)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -185,8 +186,20 @@ def test_partition_spec_rejects_bad_specs():
         sh.P(0, None)
     with pytest.raises(ConfigError, match="exactly one dim"):
         sh.P(None, None, unpadded=10)
+    with pytest.raises(ConfigError, match="divisible_by=8 needs the unpadded size"):
+        sh.P("tp", None, divisible_by=8)
     assert sh.P("tp", None) == sh.P("tp", None) and sh.P("tp", None) != sh.P(None, "tp")
-    assert sh.P("tp", None, unpadded=5, divisible_by=2) != sh.P("tp", None)
+    padded = sh.P("tp", None, unpadded=5, divisible_by=2)
+    assert padded != sh.P("tp", None) and pickle.loads(pickle.dumps(padded)) == padded
+
+
+def test_a_single_tensor_is_a_tree():
+    """Streaming converters shard one tensor at a time: a bare tensor with a bare spec."""
+    x = torch.arange(10.0).view(5, 2)
+    spec = sh.P("tp", None, unpadded=5, divisible_by=1)
+    pieces = [sh.shard(x, spec, {"tp": 2}, {"tp": t}) for t in range(2)]
+    assert torch.equal(pieces[1], torch.tensor([[6.0, 7.0], [8.0, 9.0], [8.0, 9.0]]))
+    assert torch.equal(sh.unshard(pieces, spec, {"tp": 2}), x)
 
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -1,8 +1,13 @@
 """Tensor-parallel forward, loss and gradients on 2 and 4 gloo processes equal one device; Mesh checks."""
 
+import math
 import os
+import re
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,12 +39,13 @@ def _batch():
     return {"tokens": x[:, :-1], "labels": labels, "loss_mask": mask}
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str):
+def _worker(rank: int, mesh_shape: dict, port: int, out_dir: str):
+    world = math.prod(mesh_shape.values())
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    sh.validate_tp(CFG, world, DIVISIBLE_BY)
-    mesh = sh.Mesh({"tp": world}, device_type="cpu")
+    sh.validate_tp(CFG, mesh_shape["tp"], DIVISIBLE_BY)
+    mesh = sh.Mesh(mesh_shape, device_type="cpu")
     params = mf.init_params(CFG, seed=0)
     local = sh.shard(params, sh.match(params, RULES), mesh.shape, mesh.coords)
     batch = _batch()
@@ -55,12 +61,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_workers(world: int, out_dir, timeout_s: float = 120.0) -> None:
-    """Run `_worker` on `world` processes; fail (never hang) if they take longer than `timeout_s`.
+def _run_workers(mesh_shape: dict, out_dir, timeout_s: float = 120.0) -> None:
+    """Run `_worker` on one process per mesh point; fail (never hang) if they take longer than `timeout_s`.
 
     fork: the children inherit the imported torch, dynamo and mistral_fn (spawn re-imports them, ~5 s each).
     """
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world, join=False,
+    world = math.prod(mesh_shape.values())
+    ctx = mp.start_processes(_worker, args=(mesh_shape, _free_port(), str(out_dir)), nprocs=world, join=False,
                              start_method="fork")
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=max(deadline - time.monotonic(), 0.0)):
@@ -83,26 +90,39 @@ def single_device():
     return params, mf.forward(params, batch["tokens"], CFG), loss, grads
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_tp_logits_loss_and_grads_equal_one_device(world, tmp_path, single_device):
-    params, logits, loss, grads = single_device
-    _run_workers(world, tmp_path)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
-    assert [r["coords"] for r in results] == [{"tp": r} for r in range(world)]
-    mesh = {"tp": world}
-    padded = sh.padded_vocab_size(CFG.vocab_size, world, DIVISIBLE_BY)
-    assert all(r["logits"].shape == (2, 12, padded // world) for r in results)
-    assert torch.isinf(results[-1]["logits"][..., CFG.vocab_size - padded:]).all()  # padded columns are -inf
+def _nest(flat: list, sizes: list[int]) -> list:
+    """Row-major list -> nested lists, one level per mesh axis (the `pieces` layout of `unshard`)."""
+    if len(sizes) == 1:
+        return flat
+    step = len(flat) // sizes[0]
+    return [_nest(flat[i * step:(i + 1) * step], sizes[1:]) for i in range(sizes[0])]
 
-    errors = {"logits": _rel(sh.unshard([{"x": r["logits"]} for r in results], {"x": LOGITS_SPEC}, mesh)["x"], logits)}
+
+@pytest.mark.parametrize("mesh", [{"tp": 2}, {"tp": 4}, {"dp": 2, "tp": 2}], ids=["tp2", "tp4", "dp2xtp2"])
+def test_tp_logits_loss_and_grads_equal_one_device(mesh, tmp_path, single_device):
+    params, logits, loss, grads = single_device
+    _run_workers(mesh, tmp_path)
+    world, tp = math.prod(mesh.values()), mesh["tp"]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    # Megatron's rank order: tp is the innermost axis, so a TP group is adjacent ranks
+    assert [r["coords"] for r in results] == [dict(zip(mesh, divmod(r, tp)[-len(mesh):])) for r in range(world)]
+    padded = sh.padded_vocab_size(CFG.vocab_size, tp, DIVISIBLE_BY)
+    assert all(r["logits"].shape == (2, 12, padded // tp) for r in results)
+    assert torch.isinf(results[-1]["logits"][..., CFG.vocab_size - padded:]).all()  # padded columns are -inf
+    for r in results[tp:]:  # data-parallel replicas compute the same thing, bit for bit
+        assert torch.equal(r["logits"], results[r["coords"]["tp"]]["logits"])
+
+    sizes = list(mesh.values())
+    tp_logits = sh.unshard(_nest([r["logits"] for r in results], sizes), LOGITS_SPEC, mesh)
+    errors = {"logits": _rel(tp_logits, logits)}
     errors.update({f"loss rank {i}": _rel(r["loss"], loss) for i, r in enumerate(results)})
-    specs = sh.match(params, RULES)
-    tp_grads = sh.unshard([r["grads"] for r in results], specs, mesh)
-    errors.update({path: _rel(g, ref) for (path, g), (_, ref) in zip(leaves_with_paths(tp_grads), leaves_with_paths(grads))})
-    print(f"tp={world}: max relative error {max(errors.values()):.2e} ({max(errors, key=errors.get)})")
+    tp_grads = sh.unshard(_nest([r["grads"] for r in results], sizes), sh.match(params, RULES), mesh)
+    errors.update({path: _rel(g, ref)
+                   for (path, g), (_, ref) in zip(leaves_with_paths(tp_grads), leaves_with_paths(grads))})
+    print(f"{mesh}: max relative error {max(errors.values()):.2e} ({max(errors, key=errors.get)})")
     assert max(errors.values()) < TOLERANCE, {k: v for k, v in errors.items() if v >= TOLERANCE}
     for name in ("embed", "output"):  # the padded vocab rows get no gradient
-        assert not torch.cat([r["grads"][name] for r in results])[CFG.vocab_size:].any(), name
+        assert not torch.cat([r["grads"][name] for r in results[:tp]])[CFG.vocab_size:].any(), name
 
 
 def test_tp1_mesh_issues_no_collective(monkeypatch):
@@ -137,3 +157,25 @@ def test_mesh_errors_before_any_process_group(monkeypatch):
         sh.Mesh({"ep": 4}, device_type="cpu")
     with pytest.raises(ConfigError, match=r"mesh axis 'tp' must have a positive integer size, got 0"):
         sh.Mesh({"tp": 0}, device_type="cpu")
+
+
+def _experiment(*args: str) -> subprocess.CompletedProcess:
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_tp2_forward_greedy_tokens_match_tp1():
+    run = _experiment("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      "-m", "experiments.tp_forward", "--new_tokens=4")
+    assert run.returncode == 0, run.stderr[-3000:]
+    tp2 = re.search(r"^TP=2 greedy next tokens: (.*)$", run.stdout, re.M)
+    tp1 = re.search(r"^TP=1 greedy next tokens: (.*)$", run.stdout, re.M)
+    assert tp2 and tp1 and tp2.group(1) == tp1.group(1) and "TP=2 matches TP=1" in run.stdout, run.stdout
+
+
+def test_tp_forward_reports_a_bad_mesh_in_one_line():
+    run = _experiment("-m", "experiments.tp_forward", "--tp=2")
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == "error: mesh {'tp': 2} has 2 ranks but WORLD_SIZE=1"

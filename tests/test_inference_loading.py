@@ -1,0 +1,67 @@
+"""`experiments.loading.load_any`: HF, Megatron (TP x PP) and native (TP-sharded training state)
+checkpoints all give the same full params and config; unknown directories are a clear error."""
+
+import threading
+
+import pytest
+import torch
+
+import checkpoints
+import mistral_fn as mf
+import sharding as sh
+from checkpoints import megatron
+from experiments.loading import load_any
+from mistral_fn.params import leaves_with_paths
+
+# A vocab that needs padding on 2 ranks with divisor 8 (1001 -> 1008).
+CONFIG = mf.MistralConfig(vocab_size=1001, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
+                          sliding_window=5, max_seq_len=64)
+
+
+def assert_same(config, params):
+    assert config == CONFIG
+    expected = dict(leaves_with_paths(mf.init_params(CONFIG, seed=1)))
+    got = dict(leaves_with_paths(params))
+    assert got.keys() == expected.keys()
+    for path in expected:
+        assert torch.equal(got[path], expected[path]), path
+
+
+def test_hf(tmp_path):
+    checkpoints.save_hf(tmp_path / "hf", CONFIG, mf.init_params(CONFIG, seed=1))
+    assert_same(*load_any(tmp_path / "hf"))
+
+
+def test_megatron(tmp_path):
+    megatron.save_megatron(tmp_path / "mg", CONFIG, mf.init_params(CONFIG, seed=1), tp=2, pp=2,
+                              make_vocab_size_divisible_by=8)
+    assert_same(*load_any(tmp_path / "mg"))
+
+
+def test_native_tp2(tmp_path):
+    """Two TP ranks save their shards (with optimizer-like extra state) as the training loop does."""
+    params = mf.init_params(CONFIG, seed=1)
+    specs = sh.match(params, sh.mistral_rules(CONFIG, 8))
+    barrier = threading.Barrier(2)
+
+    def save(rank):
+        local = sh.shard(params, specs, {"tp": 2}, {"tp": rank})
+        tree = {"train": {"params": local, "mu": mf.params.tree_map(torch.zeros_like, local)}}
+        checkpoints.save_native(tmp_path / "native", 7, tree, extra={"tp": 2, "dp": 1, "config": CONFIG.to_hf()},
+                                rank=rank, world_size=2, barrier=barrier.wait)
+
+    threads = [threading.Thread(target=save, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert_same(*load_any(tmp_path / "native"))
+    config, bf16 = load_any(tmp_path / "native", dtype=torch.bfloat16)
+    assert bf16["layers"][0]["attn"]["wq"].dtype == torch.bfloat16
+
+
+def test_unknown_directory(tmp_path):
+    with pytest.raises(mf.CheckpointError, match="unrecognised checkpoint"):
+        load_any(tmp_path)
+    with pytest.raises(mf.CheckpointError, match="no such checkpoint directory"):
+        load_any(tmp_path / "missing")
