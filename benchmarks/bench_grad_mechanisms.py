@@ -2,9 +2,9 @@
 
     python -m benchmarks.bench_grad_mechanisms [--dim 256 --layers 4 --seq 512 --batch 2 --chunk 128]
 
-Mechanisms: `torch.func.grad_and_value` and `train.value_and_grad` (`torch.autograd.grad` over detached leaves). Recompute:
-none, `mistral_fn.remat.checkpoint` per layer (works under both), and `torch.utils.checkpoint`
-(non-reentrant; autograd only — it fails under torch.func). Each case runs in a fresh process and
+Mechanisms: `torch.func.grad_and_value` and `train.value_and_grad` (`torch.autograd.grad` over
+detached leaves). Recompute: none, `mistral_fn.remat.checkpoint` per layer (works under both), and
+`torch.utils.checkpoint` (non-reentrant; autograd only: it fails under torch.func). Each case runs in a fresh process and
 reports the growth of the peak RSS over the state after building params and batch (CPU) or
 `torch.cuda.max_memory_allocated` (CUDA).
 """

@@ -1,16 +1,19 @@
 """One training step (forward + backward + AdamW) of ours against transformers' `MistralForCausalLM` with
-`torch.optim.AdamW`, same config, same machine, same run; each side in a fresh process.
+`torch.optim.AdamW`, same config, same machine, same run.
 
     python -m benchmarks.bench_train_step                       # ~100M-parameter Mistral shape, CPU fp32
     python -m benchmarks.bench_train_step --device=cuda --dtype=bf16 --dim=4096 --layers=2 --heads=32 \\
         --kv_heads=8 --ffn=14336 --seq=4096                      # 7B-layer shape on a GPU
 
-Ours: `train.make_train_step(donate=True)` with `loss_fn(chunk_size=...)` (float32 logits for `--chunk` positions at a
-time) and `optim.adamw`; bf16 runs keep float32 master weights and moments, as Megatron's `--bf16`.
-Theirs: `model(tokens).logits` + `F.cross_entropy`, `torch.optim.AdamW` (its default implementation);
-bf16 runs use autocast over float32 weights. Speed: both sides in one process, steps alternating, median
-wall and CPU (process) time per step — on a shared machine the CPU-time ratio is the steadier one. Memory: each side alone in a fresh process. Prints tokens/s, peak memory
-growth, model TFLOP/s and the fraction of the measured matmul peak, and the ratios ours / theirs.
+Ours: `train.make_train_step(donate=True)` with `loss_fn(chunk_size=...)` (float32 logits for `--chunk`
+positions at a time) and `optim.adamw`; bf16 runs keep float32 master weights and moments, as
+Megatron's `--bf16`. Theirs: `model(tokens).logits` + `F.cross_entropy`, `torch.optim.AdamW` (its
+default implementation); bf16 runs use autocast over float32 weights.
+
+Speed: both sides in one process, steps alternating, median wall and CPU (process) time per step; on
+a shared machine the CPU-time ratio is the steadier one. Memory: each side alone in a fresh process.
+Prints tokens/s, peak memory growth, model TFLOP/s and the fraction of the measured matmul peak, and
+the ratios ours / theirs.
 """
 
 from __future__ import annotations

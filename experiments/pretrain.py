@@ -209,7 +209,8 @@ def main(argv):
         if vocab > cfg.vocab_size:
             raise ConfigError(f"--tokenizer_model has {vocab} pieces but the model's vocab_size is {cfg.vocab_size}")
 
-    specs = sharding.match(mf.init_params(cfg, device="meta"), sharding.mistral_rules(cfg, F.make_vocab_size_divisible_by))
+    rules = sharding.mistral_rules(cfg, F.make_vocab_size_divisible_by)
+    specs = sharding.match(mf.init_params(cfg, device="meta"), rules)
     sharded_paths = {p for p, s in leaves_with_paths(specs, is_leaf=lambda x: isinstance(x, sharding.PartitionSpec))
                      if any(a is not None for a in s.axes)}
     sched, opt = schedule_and_optimizer()

@@ -205,7 +205,8 @@ def sgd(learning_rate, momentum: float = 0.0, nesterov: bool = False) -> Gradien
     return GradientTransformation(init, update)
 
 
-def clip_by_global_norm(max_norm: float, norm_fn: Callable[[Any], torch.Tensor] = global_norm) -> GradientTransformation:
+def clip_by_global_norm(max_norm: float,
+                        norm_fn: Callable[[Any], torch.Tensor] = global_norm) -> GradientTransformation:
     """Scale updates by `clip_coefficient(norm_fn(updates), max_norm)`. Stateless (state `()`).
 
     `norm_fn` defaults to the single-process `global_norm`; under TP pass a reducing one."""
