@@ -38,8 +38,8 @@ def run_isolated(module: str, args: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Measured FLOP/s of an n x n x n matmul (best of `repeats`)."""
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """Measured FLOP/s of an n x n x n matmul (best of `repeats`; a shared machine makes it an underestimate)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
