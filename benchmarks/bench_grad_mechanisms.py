@@ -2,9 +2,9 @@
 
     python -m benchmarks.bench_grad_mechanisms [--dim 256 --layers 4 --seq 512 --batch 2 --chunk 128]
 
-Mechanisms: `torch.func.grad_and_value` and `torch.autograd.grad` over detached leaves. Recompute:
-none, `mistral_fn.remat.checkpoint` per layer (works under both), and `torch.utils.checkpoint`
-(non-reentrant; autograd only — it fails under torch.func). Each case runs in a fresh process and
+Mechanisms: `torch.func.grad_and_value` and `train.value_and_grad` (`torch.autograd.grad` over
+detached leaves). Recompute: none, `mistral_fn.remat.checkpoint` per layer (works under both), and
+`torch.utils.checkpoint` (non-reentrant; autograd only: it fails under torch.func). Each case runs in a fresh process and
 reports the growth of the peak RSS over the state after building params and batch (CPU) or
 `torch.cuda.max_memory_allocated` (CUDA).
 """
@@ -14,9 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import resource
-import subprocess
-import sys
 import time
 
 import torch
@@ -24,7 +21,8 @@ import torch.utils.checkpoint as torch_ckpt
 from torch.utils import _pytree as pytree
 
 import mistral_fn as mf
-from mistral_fn import kernels
+from benchmarks.common import peak_bytes, reset_peak, run_isolated, sync
+from mistral_fn import kernels, train
 from mistral_fn.loss import _masked_loss_sum
 from mistral_fn.model import attention_inputs, block, embed
 
@@ -44,21 +42,6 @@ def torch_checkpoint_loss(params, batch, config, chunk_size=None):
     return _masked_loss_sum(params["output"], h, batch["labels"], m, config, mf.SINGLE_DEVICE, chunk_size) / m.sum()
 
 
-def autograd_value_and_grad(fn):
-    def run(params, *args):
-        leaves, treedef = pytree.tree_flatten(params)
-        tracked = [p.detach().requires_grad_() for p in leaves]
-        value = fn(pytree.tree_unflatten(tracked, treedef), *args)
-        return pytree.tree_unflatten(list(torch.autograd.grad(value, tracked)), treedef), value.detach()
-    return run
-
-
-def peak_bytes(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run_case(args) -> dict:
     device = torch.device(args.device)
     cfg = mf.MistralConfig(vocab_size=32000, dim=args.dim, n_layers=args.layers, n_heads=8, n_kv_heads=4,
@@ -70,10 +53,8 @@ def run_case(args) -> dict:
     chunk = args.chunk or None
     loss = functools.partial(torch_checkpoint_loss, chunk_size=chunk) if args.remat == "torch_checkpoint" else \
         functools.partial(mf.loss_fn, recompute=args.remat == "remat", chunk_size=chunk)
-    grad_fn = torch.func.grad_and_value(loss) if args.mechanism == "func" else autograd_value_and_grad(loss)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    base = peak_bytes(device)
+    grad_fn = torch.func.grad_and_value(loss) if args.mechanism == "func" else train.value_and_grad(loss)
+    base = reset_peak(device)
     try:
         grad_fn(params, batch, cfg)  # warm-up
     except Exception as e:  # noqa: BLE001 - a benchmark reports what fails
@@ -81,11 +62,10 @@ def run_case(args) -> dict:
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        grads, _ = grad_fn(params, batch, cfg)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        out = grad_fn(params, batch, cfg)
+        sync(device)
         times.append(time.perf_counter() - start)
-        del grads
+        del out
     return {"mechanism": args.mechanism, "remat": args.remat, "seconds": min(times),
             "peak_mib": (peak_bytes(device) - base) / 2**20}
 
@@ -109,9 +89,8 @@ def main():
           f"{args.device}")
     print(f"{'mechanism':10} {'recompute':18} {'seconds':>8} {'peak MiB':>9}")
     for mechanism, remat in CASES:
-        cmd = [sys.executable, "-m", "benchmarks.bench_grad_mechanisms", "--mechanism", mechanism, "--remat", remat] + [
-            f"--{k}={getattr(args, k)}" for k in ("dim", "layers", "seq", "batch", "repeats", "chunk", "device")]
-        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        r = run_isolated("benchmarks.bench_grad_mechanisms", ["--mechanism", mechanism, "--remat", remat] + [
+            f"--{k}={getattr(args, k)}" for k in ("dim", "layers", "seq", "batch", "repeats", "chunk", "device")])
         if "error" in r:
             print(f"{mechanism:10} {remat:18} fails: {r['error']}")
         else:

@@ -209,7 +209,8 @@ def main(argv):
         if vocab > cfg.vocab_size:
             raise ConfigError(f"--tokenizer_model has {vocab} pieces but the model's vocab_size is {cfg.vocab_size}")
 
-    specs = sharding.match(mf.init_params(cfg, device="meta"), sharding.mistral_rules(cfg, F.make_vocab_size_divisible_by))
+    rules = sharding.mistral_rules(cfg, F.make_vocab_size_divisible_by)
+    specs = sharding.match(mf.init_params(cfg, device="meta"), rules)
     sharded_paths = {p for p, s in leaves_with_paths(specs, is_leaf=lambda x: isinstance(x, sharding.PartitionSpec))
                      if any(a is not None for a in s.axes)}
     sched, opt = schedule_and_optimizer()
@@ -220,7 +221,7 @@ def main(argv):
     step_fn = train.make_train_step(loss, opt, micro_batch_size=F.micro_batch_size, dp=dp, tp=mesh.tp,
                                     sharded_paths=sharded_paths, max_grad_norm=F.clip_grad or None,
                                     compute_dtype=compute, loss_scale=loss_scale, schedule=sched,
-                                    max_skipped=F.max_skipped_steps)
+                                    max_skipped=F.max_skipped_steps, donate=True)
 
     params = pytree.tree_map(lambda x: x.to(mesh.device), initial_params(cfg, specs, tp_rank, tp_size))
     ckpt = {"train": train.init_train_state(params, opt, loss_scale=loss_scale),

@@ -70,7 +70,12 @@ def _final_hidden(params, batch, config, tp, recompute: bool):
 
 
 def _masked_loss_sum(head, h, labels, mask, config, tp, chunk_size: int | None) -> torch.Tensor:
-    """`sum(token_losses * mask)` from final hidden states, `chunk_size` positions at a time."""
+    """`sum(token_losses * mask)` from final hidden states, `chunk_size` positions at a time.
+
+    One device: `_ChunkedHeadLoss` (gradients formed chunk by chunk in forward, nothing recomputed).
+    Under TP: each chunk's vocab-parallel head + loss under `remat.checkpoint` (recomputed in backward).
+    Without grad mode (evaluation): plain chunks.
+    """
 
     def piece(w, hc, lc, mc):
         return (token_losses(output_logits({"output": w}, hc, config, tp), lc, tp) * mc).sum()
@@ -79,8 +84,58 @@ def _masked_loss_sum(head, h, labels, mask, config, tp, chunk_size: int | None) 
         return piece(head, h, labels, mask)
     if chunk_size <= 0:
         raise InputError(f"loss chunk_size must be a positive integer, got {chunk_size}")
-    piece = remat.checkpoint(piece)
+    if tp.size == 1 and torch.is_grad_enabled():
+        return _ChunkedHeadLoss.apply(head, h, labels, mask, chunk_size, config.vocab_size)[0]
+    piece = remat.checkpoint(piece) if torch.is_grad_enabled() else piece
     total = h.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[1], chunk_size):
         total = total + piece(head, h[:, s:s + chunk_size], labels[:, s:s + chunk_size], mask[:, s:s + chunk_size])
     return total
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """`sum(mask * CE(h @ w.T, labels))` over `chunk`-position slices, with float32 logits for one slice
+    at a time. Its gradients (softmax - onehot, times the mask) are contracted with `w` and `h` while the
+    slice's logits exist, so backward only scales them: the head matmul is never recomputed.
+
+    Outputs `(total, grad_w, grad_h)`; the last two are carried to backward (non-differentiable), which
+    scales them in place, so it may run once (no `retain_graph`, no double backward).
+    Labels equal to -100 count as masked. Rows of `w` past `vocab` (padding) get logit -inf.
+    """
+
+    @staticmethod
+    def forward(w, h, labels, mask, chunk, vocab):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_w = torch.zeros_like(w, dtype=torch.float32)
+        grad_h = torch.empty_like(h)
+        for s in range(0, h.shape[1], chunk):
+            hc, lc = h[:, s:s + chunk], labels[:, s:s + chunk]
+            mc = (mask[:, s:s + chunk] * (lc != IGNORE_INDEX)).float()
+            logits = F.linear(hc, w).float()
+            if w.shape[0] > vocab:
+                logits[..., vocab:] = float("-inf")
+            target = lc.clamp_min(0)[..., None]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(-1, target)[..., 0]) * mc).sum()
+            dlogits = logits.sub_(lse[..., None]).exp_()  # softmax, in the logits' buffer
+            dlogits.scatter_add_(-1, target, -torch.ones_like(target, dtype=dlogits.dtype))
+            dlogits = dlogits.mul_(mc[..., None]).to(w.dtype)
+            grad_h[:, s:s + chunk] = dlogits @ w
+            if grad_w.dtype == dlogits.dtype:
+                grad_w.addmm_(dlogits.flatten(0, 1).T, hc.flatten(0, 1))
+            else:  # bf16/fp16 compute: per-slice product, accumulated in float32
+                grad_w += (dlogits.flatten(0, 1).T @ hc.flatten(0, 1)).float()
+        return total, grad_w, grad_h
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, grad_w, grad_h = output
+        ctx.mark_non_differentiable(grad_w, grad_h)
+        ctx.save_for_backward(grad_w, grad_h)
+        ctx.w_dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_w, _grad_h):
+        grad_w, grad_h = ctx.saved_tensors  # scaled in place: this backward runs once
+        grad_w = grad_w.mul_(grad_total).to(ctx.w_dtype)
+        return grad_w, grad_h.mul_(grad_total.to(grad_h.dtype)), None, None, None, None

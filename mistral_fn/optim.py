@@ -8,7 +8,13 @@
 
 Trees are the parameter pytree (nested dicts/lists, `torch.utils._pytree`). Per-step math runs on whole
 leaf lists with `torch._foreach_*` ops; only freshly allocated results are updated in place. The step
-count is an int64 0-d tensor and learning rates are 0-d float64 tensors, so schedules trace.
+count is an int64 0-d CPU tensor; schedules are tensor functions of it, and the resulting scalars enter
+the foreach ops as Python floats (no device synchronisation, as `torch.optim.AdamW`'s default).
+
+Donation (as `jax.jit(donate_argnums=...)`): `update(..., donate=True)` and
+`apply_updates(..., donate=True)` may overwrite the incoming updates, state and params instead of
+allocating new ones; the results are bit-identical, but the caller must not use the donated values again.
+Pure by default; donation saves three parameter-sized float32 buffers per step.
 
 Moments are kept in float32 whatever the parameter dtype. Mixed precision (bf16/fp16 compute weights,
 float32 master weights) is the train step's job (`train.make_train_step(compute_dtype=...)`): the
@@ -31,7 +37,7 @@ Schedule = Callable[[torch.Tensor], torch.Tensor]
 
 
 class GradientTransformation(NamedTuple):
-    """`init(params) -> state`; `update(updates, state, params=None) -> (updates, state)`."""
+    """`init(params) -> state`; `update(updates, state, params=None, *, donate=False) -> (updates, state)`."""
 
     init: Callable[[Any], Any]
     update: Callable[..., tuple[Any, Any]]
@@ -67,12 +73,16 @@ def _like(xs: list[torch.Tensor], refs: list[torch.Tensor]) -> list[torch.Tensor
     return [x if x.dtype == r.dtype else x.to(r.dtype) for x, r in zip(xs, refs)]
 
 
-def apply_updates(params, updates):
-    """`params + updates` leaf by leaf, kept in each param's dtype (a new tree)."""
+def apply_updates(params, updates, *, donate: bool = False):
+    """`params + updates` leaf by leaf, kept in each param's dtype (a new tree; with `donate`, `params`
+    updated in place and returned)."""
     p, treedef = _flat(params)
     u, _ = _flat(updates)
     if len(p) != len(u):
         raise ConfigError(f"apply_updates: params have {len(p)} leaves but updates have {len(u)}")
+    if donate:
+        torch._foreach_add_(p, _like(u, p))
+        return params
     return pytree.tree_unflatten(torch._foreach_add(p, _like(u, p)), treedef)
 
 
@@ -94,11 +104,15 @@ def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 
 
-def _lr_fn(learning_rate) -> Schedule:
+def _lr_fn(learning_rate) -> Callable[[torch.Tensor], float]:
     if callable(learning_rate):
-        return learning_rate
+        return lambda count: float(learning_rate(count))
     value = float(learning_rate)
-    return lambda count: torch.full((), value, dtype=torch.float64, device=count.device)
+    return lambda count: value
+
+
+def _counter() -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64)
 
 
 # ---- transformations ------------------------------------------------------------------------------
@@ -120,31 +134,39 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, 
     lr_fn = _lr_fn(learning_rate)
 
     def init(params):
-        device = pytree.tree_leaves(params)[0].device
-        return AdamWState(torch.zeros((), dtype=torch.int64, device=device), _zeros_f32(params), _zeros_f32(params))
+        return AdamWState(_counter(), _zeros_f32(params), _zeros_f32(params))
 
-    def update(grads, state, params=None):
+    def update(grads, state, params=None, *, donate: bool = False):
         g, treedef = _flat(grads)
         g = _as_f32(g)
         lr = lr_fn(state.count)
         count = state.count + 1
-        t = count.double()
-        mu = torch._foreach_lerp(_flat(state.mu)[0], g, 1.0 - b1)
-        nu = torch._foreach_mul(_flat(state.nu)[0], b2)
+        t = int(count)
+        mu, nu = _flat(state.mu)[0], _flat(state.nu)[0]
+        if donate:
+            torch._foreach_lerp_(mu, g, 1.0 - b1)
+            torch._foreach_mul_(nu, b2)
+        else:
+            mu, nu = torch._foreach_lerp(mu, g, 1.0 - b1), torch._foreach_mul(nu, b2)
         torch._foreach_addcmul_(nu, g, g, 1.0 - b2)
-        denom = torch._foreach_sqrt(nu)
-        torch._foreach_div_(denom, torch.sqrt(1.0 - torch.pow(b2, t)))
-        torch._foreach_add_(denom, eps)
-        u = torch._foreach_div(mu, denom)
-        torch._foreach_mul_(u, -lr / (1.0 - torch.pow(b1, t)))
+        # u = -lr / bc1 * mu / (sqrt(nu) / sqrt(bc2) + eps), built in place (in the donated grads' buffers)
+        if donate:
+            u = g
+            torch.ops.aten._foreach_sqrt.out(nu, out=u)
+        else:
+            u = torch._foreach_sqrt(nu)
+        torch._foreach_div_(u, math.sqrt(1.0 - b2**t))
+        torch._foreach_add_(u, eps)
+        torch._foreach_reciprocal_(u)
+        torch._foreach_mul_(u, mu)
+        torch._foreach_mul_(u, -lr / (1.0 - b1**t))
         if weight_decay and params is None:
             raise ConfigError("adamw: weight_decay needs params; call update(grads, state, params)")
         if params is not None:
             p, _ = _flat(params)
             idx = _mask_indices(mask, params, len(p)) if weight_decay else []
             if idx:
-                decay = torch._foreach_mul(_as_f32([p[i] for i in idx]), -lr * weight_decay)
-                torch._foreach_add_([u[i] for i in idx], decay)
+                torch._foreach_add_([u[i] for i in idx], _as_f32([p[i] for i in idx]), alpha=-lr * weight_decay)
             u = _like(u, p)
         return (pytree.tree_unflatten(u, treedef),
                 AdamWState(count, pytree.tree_unflatten(mu, treedef), pytree.tree_unflatten(nu, treedef)))
@@ -160,15 +182,18 @@ def sgd(learning_rate, momentum: float = 0.0, nesterov: bool = False) -> Gradien
     lr_fn = _lr_fn(learning_rate)
 
     def init(params):
-        device = pytree.tree_leaves(params)[0].device
-        return SgdState(torch.zeros((), dtype=torch.int64, device=device), _zeros_f32(params) if momentum else ())
+        return SgdState(_counter(), _zeros_f32(params) if momentum else ())
 
-    def update(grads, state, params=None):
+    def update(grads, state, params=None, *, donate: bool = False):
         g, treedef = _flat(grads)
         g = _as_f32(g)
         trace = ()
         if momentum:
-            buf = torch._foreach_mul(_flat(state.trace)[0], momentum)
+            buf = _flat(state.trace)[0]
+            if donate:
+                torch._foreach_mul_(buf, momentum)
+            else:
+                buf = torch._foreach_mul(buf, momentum)
             torch._foreach_add_(buf, g)
             trace = pytree.tree_unflatten(buf, treedef)
             g = torch._foreach_add(g, buf, alpha=momentum) if nesterov else buf
@@ -180,16 +205,20 @@ def sgd(learning_rate, momentum: float = 0.0, nesterov: bool = False) -> Gradien
     return GradientTransformation(init, update)
 
 
-def clip_by_global_norm(max_norm: float, norm_fn: Callable[[Any], torch.Tensor] = global_norm) -> GradientTransformation:
+def clip_by_global_norm(max_norm: float,
+                        norm_fn: Callable[[Any], torch.Tensor] = global_norm) -> GradientTransformation:
     """Scale updates by `clip_coefficient(norm_fn(updates), max_norm)`. Stateless (state `()`).
 
     `norm_fn` defaults to the single-process `global_norm`; under TP pass a reducing one."""
     if max_norm <= 0:
         raise ConfigError(f"clip_by_global_norm: max_norm={max_norm} must be > 0")
 
-    def update(updates, state, params=None):
+    def update(updates, state, params=None, *, donate: bool = False):
         leaves, treedef = _flat(updates)
         coef = clip_coefficient(norm_fn(updates), max_norm)
+        if donate:
+            torch._foreach_mul_(leaves, coef)
+            return updates, state
         return pytree.tree_unflatten(torch._foreach_mul(leaves, coef), treedef), state
 
     return GradientTransformation(lambda params: (), update)
@@ -201,10 +230,10 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params):
         return tuple(t.init(params) for t in transforms)
 
-    def update(updates, state, params=None):
+    def update(updates, state, params=None, *, donate: bool = False):
         new_state = []
         for t, s in zip(transforms, state):
-            updates, s = t.update(updates, s, params)
+            updates, s = t.update(updates, s, params, donate=donate)
             new_state.append(s)
         return updates, tuple(new_state)
 

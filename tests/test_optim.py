@@ -170,3 +170,17 @@ def test_dynamic_loss_scale():
     assert float(s.scale) == 2.0  # floored at min_scale
     s = ls.adjust(ls.adjust(s, torch.tensor(True)), torch.tensor(True))
     assert float(s.scale) == 4.0 and int(s.good_steps) == 0
+
+
+def test_donation_gives_identical_results_and_reuses_buffers():
+    params, grads = small_tree(), grad_trees(3)
+    for opt in (optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(1e-2, weight_decay=0.1)),
+                optim.sgd(0.1, momentum=0.9)):
+        pure = run_ours(opt, params, grads)
+        p, state = pytree.tree_map(torch.clone, params), opt.init(params)
+        for g in grads:
+            before = p["embed"]
+            updates, state = opt.update(pytree.tree_map(torch.clone, g), state, p, donate=True)
+            p = optim.apply_updates(p, updates, donate=True)
+            assert p["embed"] is before  # updated in place
+        assert all(torch.equal(a, b) for a, b in zip(pytree.tree_leaves(p), pytree.tree_leaves(pure)))

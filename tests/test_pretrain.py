@@ -10,6 +10,9 @@ import pytest
 import torch
 
 import mistral_fn as mf
+from checkpoints import native
+from mistral_fn import optim, train
+from mistral_fn.params import leaves_with_paths
 from experiments.preprocess_data import PreprocessConfig, run
 from mistral_fn.data import InstructionDataset
 from mistral_fn.data.handlers import InstructionHandler
@@ -44,9 +47,10 @@ def losses(path):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted single-process run of TINY saving every 3 steps: (save dir, its losses)."""
+    """An uninterrupted single-process run of TINY saving every 3 steps, natively and as a Megatron
+    (ModelLink) model checkpoint: (save dir, its losses)."""
     save = tmp_path_factory.mktemp("reference")
-    pretrain(*TINY, f"--save={save}", "--save_interval=3")
+    pretrain(*TINY, f"--save={save}", "--save_interval=3", "--save_format=megatron")
     return save, losses(save / "metrics.jsonl")
 
 
@@ -90,12 +94,46 @@ def test_instruction_prompt_tokens_carry_no_loss(sft_prefix):
                            mf.loss_fn(params, sample, cfg))
 
 
-def test_finetune_from_native_checkpoint_starts_at_step_0_and_loss_falls(tmp_path, sft_prefix, reference):
+def test_megatron_copy_holds_the_trained_params(reference):
+    from checkpoints.lazy import materialize
+    from checkpoints.megatron import read_megatron
+    cfg = mf.MistralConfig.tiny()
+    _, _, lazy = read_megatron(reference[0] / "megatron", hf=cfg)
+    template = {"train": train.init_train_state(mf.init_params(cfg), optim.adamw(1e-3)),
+                "rng": torch.Generator().get_state()}
+    saved, _ = native.load_native(reference[0], template)
+    for (path, a), (_, b) in zip(leaves_with_paths(materialize(lazy)), leaves_with_paths(saved["train"].params)):
+        assert torch.equal(a, b), path
+
+
+def test_finetune_from_megatron_checkpoint_starts_at_step_0_and_loss_falls(tmp_path, sft_prefix, reference):
     pretrain("--model=tiny", "--seq_length=128", "--global_batch_size=4", "--micro_batch_size=2", "--split=100,0,0",
-             "--train_iters=12", "--lr=5e-3", f"--load={reference[0]}", "--finetune", "--is_instruction_dataset",
+             "--train_iters=12", "--lr=5e-3", f"--load={reference[0]}/megatron", "--finetune",
+             "--is_instruction_dataset",
              f"--data_path={sft_prefix}", f"--save={tmp_path}", "--recompute_granularity=full", "--loss_chunk_size=64")
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert steps[0]["step"] == 1 and records[-1]["start_step"] == 0 and records[-1]["steps"] == 12
     first, last = sum(r["loss"] for r in steps[:3]) / 3, sum(r["loss"] for r in steps[-3:]) / 3
     assert last < first - 0.5, (first, last)
+
+
+FLAGFILE_PROBE = """
+import json, torch
+from absl import flags
+from experiments import pretrain as script
+flags.FLAGS(["pretrain", "--flagfile=experiments/mistral_7b_finetune_tp8.flags"])
+sched, _ = script.schedule_and_optimizer()
+print(json.dumps({"config": script.model_config().to_hf(), "mesh": script.check_flags(world=8),
+                  "lr": [float(sched(torch.tensor(s))) for s in (0, 10, 20, 2000)],
+                  "on": [flags.FLAGS.finetune, flags.FLAGS.is_instruction_dataset, flags.FLAGS.bf16]}))
+"""
+
+
+def test_7b_flagfiles_parse_into_the_seed_recipe():
+    done = subprocess.run([sys.executable, "-c", FLAGFILE_PROBE], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["config"] == mf.MistralConfig.mistral_7b_instruct_v0_2().to_hf() and got["mesh"] == [8, 1]
+    assert got["lr"] == pytest.approx([0.0, 6.25e-7, 1.25e-6, 1.25e-7])  # warmup: 0.01 x 2000 = 20 steps
+    assert got["on"] == [True, True, True]

@@ -216,3 +216,23 @@ def test_five_steps_match_transformers_with_torch_adamw():
     names = hf_names(CFG)
     worst = max((p - ref[names[path]].detach()).abs().max().item() for path, p in leaves_with_paths(state.params))
     assert worst < 1e-5
+
+
+def test_donating_step_matches_pure_step():
+    params, batch = mf.init_params(CFG, seed=0), make_batch(2)
+    opt = optim.adamw(1e-2, weight_decay=0.1)
+    kw = dict(micro_batch_size=1, max_grad_norm=0.5)
+    pure, _ = train.make_train_step(loss(), opt, **kw)(train.init_train_state(params, opt), batch)
+    donated = train.init_train_state(pytree.tree_map(torch.clone, params), opt)
+    donated, _ = train.make_train_step(loss(), opt, donate=True, **kw)(donated, batch)
+    assert all(torch.equal(a, b) for a, b in zip(pytree.tree_leaves(pure), pytree.tree_leaves(donated)))
+
+
+def test_chunked_loss_in_bf16_matches_unchunked():
+    params, batch = mf.params.cast(mf.init_params(CFG, seed=0), torch.bfloat16), make_batch(2, ragged_mask=True)
+    ref_loss, ref_grads = train.value_and_grad(loss())(params, batch)
+    got_loss, got_grads = train.value_and_grad(loss(chunk_size=5))(params, batch)
+    assert abs(float(got_loss - ref_loss)) < 1e-3
+    assert {g.dtype for g in pytree.tree_leaves(got_grads)} == {torch.bfloat16}
+    for (path, a), (_, b) in zip(leaves_with_paths(got_grads), leaves_with_paths(ref_grads)):
+        assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max() + 1e-6, path
