@@ -14,7 +14,7 @@ the foreach ops as Python floats (no device synchronisation, as `torch.optim.Ada
 Donation (as `jax.jit(donate_argnums=...)`): `update(..., donate=True)` and
 `apply_updates(..., donate=True)` may overwrite the incoming updates, state and params instead of
 allocating new ones; the results are bit-identical, but the caller must not use the donated values again.
-Pure by default; donation saves three parameter-sized float32 buffers per step.
+Pure by default; donation saves four parameter-sized float32 buffers per step (new moments, update, params).
 
 Moments are kept in float32 whatever the parameter dtype. Mixed precision (bf16/fp16 compute weights,
 float32 master weights) is the train step's job (`train.make_train_step(compute_dtype=...)`): the
