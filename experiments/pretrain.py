@@ -1,7 +1,7 @@
 """Pretraining and instruction fine-tuning (ModelLink's `pretrain_gpt.py` for Mistral), one pure step at a time.
 
     python -m experiments.pretrain --model=tiny --train_iters=20 --save=workdir/tiny        # synthetic data
-    torchrun --nproc_per_node=8 -m experiments.pretrain --flagfile=experiments/mistral_7b_pretrain_tp8.flags
+    torchrun --nproc_per_node=8 -m experiments.pretrain --flagfile=experiments/recipes/pretrain_tp8.flags
     ... --load=<ckpt> --finetune --is_instruction_dataset --data_path=<prefix>               # fine-tuning
 
 Processes form a mesh `{dp: world / tp, tp: --tensor_model_parallel_size}`. Without `--data_path` the

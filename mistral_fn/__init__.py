@@ -18,6 +18,8 @@ from mistral_fn import evaluation, kv_cache, sampling  # noqa: E402
 from mistral_fn.generate import generate, generate_stream, next_token_logits, stream_text  # noqa: E402
 from mistral_fn.kv_cache import init_cache  # noqa: E402
 from mistral_fn.model import forward_with_cache, hidden_states_with_cache  # noqa: E402
+from mistral_fn import optim, remat, train  # noqa: E402
+from mistral_fn.train import DivergenceError, TrainState, init_train_state, make_train_step, value_and_grad  # noqa: E402
 
 __all__ = [
     "MistralConfig", "PRESETS", "init_params", "param_shapes", "count_params", "forward", "hidden_states",
@@ -26,4 +28,6 @@ __all__ = [
     "data", "tokenizer", "Tokenizer", "load_tokenizer",
     "generate", "generate_stream", "next_token_logits", "stream_text", "init_cache",
     "forward_with_cache", "hidden_states_with_cache", "kv_cache", "sampling", "evaluation",
+    "optim", "remat", "train", "make_train_step", "init_train_state", "value_and_grad", "TrainState",
+    "DivergenceError",
 ]

@@ -122,7 +122,7 @@ FLAGFILE_PROBE = """
 import json, torch
 from absl import flags
 from experiments import pretrain as script
-flags.FLAGS(["pretrain", "--flagfile=experiments/mistral_7b_finetune_tp8.flags"])
+flags.FLAGS(["pretrain", "--flagfile=experiments/recipes/finetune_tp8.flags"])
 sched, _ = script.schedule_and_optimizer()
 print(json.dumps({"config": script.model_config().to_hf(), "mesh": script.check_flags(world=8),
                   "lr": [float(sched(torch.tensor(s))) for s in (0, 10, 20, 2000)],
