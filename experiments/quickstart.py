@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -52,6 +53,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "seed of the random model and of trainin
 _PROMPT = flags.DEFINE_string("prompt", "Give three tips for staying healthy.", "the generation stage's prompt")
 
 STAGES = 8
+OUTPUTS = ("hf", "megatron_tp*", "hf_from_megatron", "data", "pretrain", "finetune", "logs", "mmlu_*.json", "*_loss.png")
 
 
 class StageError(MistralFnError):
@@ -104,6 +106,7 @@ def main(argv):
     del argv
     started = time.perf_counter()
     workdir = Path(_WORKDIR.value)
+    clear_outputs(workdir)
     p = Pipeline(workdir, _TP.value)
     tokenizer_model = str(Path(_HF_DIR.value) / "tokenizer.model") if _HF_DIR.value else default_tokenizer_path()
 
@@ -167,7 +170,7 @@ def main(argv):
     t = p.stage("generate: mixtral template, greedy")
     out, err = p.run("generate", "experiments.generate", f"--load={workdir / 'finetune'}", f"--tokenizer_model={tokenizer_model}",
                 "--prompt_type=mixtral", f"--prompt={_PROMPT.value}", "--max_new_tokens=24", distributed=True)
-    print(f"prompt {_PROMPT.value!r} -> {out.strip()[:200]!r}")
+    print(f"prompt {_PROMPT.value!r} -> {out[:200]!r}")
     print("  " + (err.strip().splitlines() or [""])[-1])
 
     t = p.stage("evaluate: MMLU format")
@@ -184,6 +187,13 @@ def main(argv):
     for name, records in stats.items():
         print(f"{plot_loss(records, workdir / f'{name}_loss.png', f'{name} (quickstart)')}")
     print(f"\nquickstart: all {STAGES} stages succeeded in {time.perf_counter() - started:.0f} s; outputs in {workdir}")
+
+
+def clear_outputs(workdir: Path) -> None:
+    """Remove what an earlier quickstart wrote under `workdir` (only its own names), so runs never mix."""
+    for pattern in OUTPUTS:
+        for path in workdir.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _same_params(dir_a: Path, dir_b: Path) -> bool:
