@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import InputError
-from mistral_fn import kernels, remat
-from mistral_fn.model import attention_inputs, block, embed, forward, hidden_states, output_logits
+from mistral_fn import remat
+from mistral_fn.model import forward, hidden_states, output_logits
 from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel
 
 IGNORE_INDEX = -100
@@ -50,23 +50,10 @@ def loss_fn(params, batch: dict, config: MistralConfig, *, tp: TensorParallel = 
         losses = token_losses(logits, batch["labels"], tp)
         mask = batch["loss_mask"].to(losses.dtype)
         return (losses * mask).sum() / mask.sum().clamp_min(1.0)
-    h = _final_hidden(params, batch, config, tp, recompute)
+    h = hidden_states(params, batch["tokens"], config, positions=batch.get("positions"), tp=tp, recompute=recompute)
     mask = batch["loss_mask"].float()
     total = _masked_loss_sum(params["output"], h, batch["labels"], mask, config, tp, chunk_size)
     return total / mask.sum().clamp_min(1.0)
-
-
-def _final_hidden(params, batch, config, tp, recompute: bool):
-    """`model.hidden_states`, with each layer wrapped in `remat.checkpoint` when `recompute`."""
-    tokens, positions = batch["tokens"], batch.get("positions")
-    if not recompute:
-        return hidden_states(params, tokens, config, positions=positions, tp=tp)
-    h = embed(params["embed"], tokens, tp)
-    cos, sin, mask = attention_inputs(positions, *tokens.shape, config, tokens.device, h.dtype)
-    layer = remat.checkpoint(lambda p, x, c, s, m: block(p, x, c, s, m, config, tp))
-    for p in params["layers"]:
-        h = layer(p, h, cos, sin, mask)
-    return kernels.rms_norm(h, params["norm"], config.norm_eps)
 
 
 def _masked_loss_sum(head, h, labels, mask, config, tp, chunk_size: int | None) -> torch.Tensor:

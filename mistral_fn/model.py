@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mistral_fn import kernels, kv_cache
+from mistral_fn import kernels, kv_cache, remat
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import InputError
 from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel
@@ -96,13 +96,20 @@ def attention_inputs(positions: torch.Tensor | None, batch: int, seq: int, confi
     return cos, sin, mask
 
 
-def hidden_states(params, tokens, config: MistralConfig, *, positions=None, tp: TensorParallel = SINGLE_DEVICE):
-    """Final-normed hidden states `[B, T, D]` in the params' dtype."""
+def hidden_states(params, tokens, config: MistralConfig, *, positions=None, tp: TensorParallel = SINGLE_DEVICE,
+                  recompute: bool = False):
+    """Final-normed hidden states `[B, T, D]` in the params' dtype. `recompute` wraps each layer in
+    `remat.checkpoint` (activations recomputed in backward; works under autograd and torch.func)."""
     check_tokens(tokens, config)
     h = embed(params["embed"], tokens, tp)
     cos, sin, mask = attention_inputs(positions, *tokens.shape, config, tokens.device, h.dtype)
+
+    def layer_fn(p, x, c, s, m):
+        return block(p, x, c, s, m, config, tp)
+
+    layer_fn = remat.checkpoint(layer_fn) if recompute else layer_fn
     for layer in params["layers"]:
-        h = block(layer, h, cos, sin, mask, config, tp)
+        h = layer_fn(layer, h, cos, sin, mask)
     return kernels.rms_norm(h, params["norm"], config.norm_eps)
 
 
