@@ -51,6 +51,7 @@ def main(argv):
         protocol=_PROTOCOL.value, max_len=config.max_seq_len,
         chat_template=None if _CHAT.value == "none" else _CHAT.value, batch_size=_BATCH.value,
         progress=mesh.rank == 0)
+    mesh.close()
     if mesh.rank != 0:
         return
     results = {"task": "mmlu", "protocol": _PROTOCOL.value, "num_fewshot": _SHOTS.value, **results}

@@ -95,6 +95,14 @@ def main(argv):
     template = get_template(_PROMPT_TYPE.value)
     config, params, tokenizer, mesh = load_model_and_tokenizer(_LOAD.value, _TOKENIZER.value,
                                                                parse_dtype(_DTYPE.value), _DEVICE.value or None)
+    try:
+        converse(params, config, tokenizer, template, mesh)
+    finally:
+        mesh.close()
+
+
+def converse(params, config, tokenizer, template, mesh) -> None:
+    """One answer to --prompt, or the interactive chat loop keeping the conversation history."""
     if _PROMPT.value:
         ids = encode_conversation(tokenizer, [{"role": "user", "content": _PROMPT.value}], template)
         report(*answer(params, config, tokenizer, ids, mesh)[1:], mesh)

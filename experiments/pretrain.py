@@ -287,8 +287,7 @@ def main(argv):
                "skipped_total": int(state.skipped_total), "consumed_samples": int(state.consumed_samples),
                "mean_tokens_per_sec": sum(speeds) / max(len(speeds), 1)}
     log.metrics(summary)
-    if mesh.size > 1:
-        dist.destroy_process_group()
+    mesh.close()
 
 
 def evaluate(loss, params, compute, data: Data, dp, device) -> float:

@@ -57,6 +57,7 @@ def main(argv):
     prompt = torch.randint(0, cfg.vocab_size, (_BATCH.value, _PROMPT.value), generator=g).to(mesh.device)
     with torch.no_grad():
         tp_tokens = greedy(local, prompt, cfg, _NEW.value, mesh.tp)
+        mesh.close()
         if mesh.rank != 0:
             return
         full = mf.params.tree_map(lambda x: x.to(mesh.device), full)

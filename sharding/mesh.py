@@ -55,6 +55,14 @@ class Mesh:
             raise ConfigError(f"a single-process mesh has no process group for axis {axis!r}")
         return self._mesh.get_group(axis)
 
+    def close(self) -> None:
+        """Leave the mesh once its collectives are done: a barrier, then the process group is destroyed, so
+        no rank exits while a peer still talks to it (a no-op on one process)."""
+        if self._mesh is not None and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        self._mesh = None
+
     def __repr__(self):
         return f"Mesh({self.shape}, coords={self.coords}, device={self.device})"
 
