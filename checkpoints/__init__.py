@@ -2,8 +2,8 @@
 and conversion between them."""
 
 from checkpoints.atomic import atomic_dir, atomic_file
-from checkpoints.hf import copy_tokenizer_files, hf_names, load_hf, save_hf
-from checkpoints.lazy import LazyTensor, lazy_hf, materialize
+from checkpoints.hf import copy_tokenizer_files, hf_names, lazy_hf, load_hf, save_hf
+from checkpoints.lazy import LazyTensor, materialize
 from checkpoints.megatron import read_megatron, save_megatron
 from checkpoints.native import is_native, latest_step, list_steps, load_native, read_metadata, save_native
 

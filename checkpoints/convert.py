@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
-from checkpoints.hf import TOKENIZER_FILES, save_hf
-from checkpoints.lazy import LazyTensor, lazy_hf, tree_stats
+from checkpoints.hf import TOKENIZER_FILES, lazy_hf, save_hf
+from checkpoints.lazy import LazyTensor, tree_stats
 from checkpoints.megatron import CONVERTER_ITERATION, check_parallel, read_megatron, save_megatron
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import CheckpointError, ConfigError

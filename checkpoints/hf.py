@@ -17,15 +17,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from checkpoints.atomic import atomic_dir
+from checkpoints.lazy import LazyTensor
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import CheckpointError
-from mistral_fn.params import leaves_with_paths, map_with_path, param_shapes
+from mistral_fn.params import leaves_with_paths, map_with_path, param_shapes, tree_map
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' "5GB"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffers some old exports carry
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 # Per-layer leaves in transformers' state_dict order (self_attn, mlp, then the two norms).
 LAYER_NAMES = {
@@ -81,42 +83,61 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
 
 
-def load_hf(hf_dir: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu"):
-    """Read an HF Mistral directory into `(config, params)`.
+def lazy_hf(hf_dir: str | os.PathLike) -> tuple[MistralConfig, dict]:
+    """`(config, lazy params)` of an HF Mistral directory; each leaf opens its safetensors file when read.
 
-    Tensors are checked against the config's shapes before they are read, converted to `dtype`
-    (default: as stored) and moved to `device` one at a time.
+    Names and shapes are checked against `config.json` up front, from the file headers only.
     """
     config = MistralConfig.from_hf(hf_dir)
     files = weight_map(hf_dir)
-    expected = {hf: path for path, hf in hf_names(config).items()}
-    shapes = dict(leaves_with_paths(param_shapes(config), is_leaf=lambda x: isinstance(x, tuple)))
-    missing = [name for name in expected if name not in files]
+    names = hf_names(config)
+    missing = [name for name in names.values() if name not in files]
     if missing:
-        raise CheckpointError(f"{hf_dir}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise CheckpointError(f"{hf_dir}: missing tensor {missing[0]}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    expected = set(names.values())
     unexpected = [n for n in files if n not in expected and not n.endswith(IGNORED_SUFFIXES)]
     if unexpected:
         raise CheckpointError(f"{hf_dir}: unexpected tensor {unexpected[0]} for a Mistral checkpoint")
-    loaded: dict[str, torch.Tensor] = {}
-    for path_ in sorted(set(files[n] for n in expected)):
-        with _open(path_) as f:
-            for name in f.keys():
-                if name not in expected:
-                    continue
-                leaf = expected[name]
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != shapes[leaf]:
-                    raise CheckpointError(f"{path_}: tensor {name} has shape {list(shape)}, expected {list(shapes[leaf])}")
-                try:
-                    tensor = f.get_tensor(name)
-                except (SafetensorError, OSError, RuntimeError) as e:
-                    raise CheckpointError(f"{path_}: cannot read tensor {name} ({e})") from None
-                loaded[leaf] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-    absent = [expected[n] for n in expected if expected[n] not in loaded]
-    if absent:
-        raise CheckpointError(f"{hf_dir}: tensor {hf_names(config)[absent[0]]} is listed in the index but not in its file")
-    params = map_with_path(lambda path, _: loaded.pop(path), param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
-    return config, params
+    headers = {file: _header(file) for file in sorted({files[name] for name in expected})}
+
+    def leaf(path: str, shape: tuple[int, ...]) -> LazyTensor:
+        name, file = names[path], files[names[path]]
+        if name not in headers[file]:
+            raise CheckpointError(f"{file}: tensor {name} is listed in the index but not in the file")
+        stored, dtype = headers[file][name]
+        if stored != shape:
+            raise CheckpointError(f"{file}: tensor {name} has shape {list(stored)}, expected {list(shape)}")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {dtype}")
+        return LazyTensor(shape, SAFETENSORS_DTYPES[dtype], lambda: _read(file, name))
+
+    return config, map_with_path(leaf, param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`{name: (shape, safetensors dtype)}` of a file, from its header only."""
+    with _open(file) as f:
+        return {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
+
+
+def _read(file: Path, name: str) -> torch.Tensor:
+    """One tensor, copied out of the file; the mapping is closed again so no file pages stay mapped."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return f.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from None
+
+
+def load_hf(hf_dir: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu"):
+    """Read an HF Mistral directory into `(config, params)`.
+
+    Names and shapes are checked (by `lazy_hf`) before any tensor is read; tensors are then read,
+    converted to `dtype` (default: as stored) and moved to `device` one at a time.
+    """
+    config, lazy = lazy_hf(hf_dir)
+    return config, tree_map(lambda x: x.load().to(device=device, dtype=dtype or x.dtype), lazy)
 
 
 def save_hf(
