@@ -15,3 +15,7 @@ class CheckpointError(MistralFnError):
 
 class InputError(MistralFnError, ValueError):
     """Bad runtime input: tokens outside the vocabulary, wrong batch shapes, malformed data rows."""
+
+
+class DivergenceError(MistralFnError):
+    """Training stopped: too many consecutive steps with a non-finite loss or gradient norm."""

@@ -26,13 +26,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 from mistral_fn import optim
-from mistral_fn.errors import InputError, MistralFnError
+from mistral_fn.errors import DivergenceError, InputError
 from mistral_fn.params import cast, leaves_with_paths
 from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel
-
-
-class DivergenceError(MistralFnError):
-    """Training stopped: too many consecutive steps with a non-finite loss or gradient norm."""
 
 
 class DataParallel(Protocol):
