@@ -1,7 +1,7 @@
 """Checkpoint formats: HF safetensors, Megatron/ModelLink legacy (TP x PP), native training checkpoints,
 and conversion between them."""
 
-from checkpoints.atomic import atomic_dir, atomic_file
+from mistral_fn.atomic import atomic_dir, atomic_file
 from checkpoints.hf import copy_tokenizer_files, hf_names, lazy_hf, load_hf, save_hf
 from checkpoints.lazy import LazyTensor, materialize
 from checkpoints.megatron import read_megatron, save_megatron

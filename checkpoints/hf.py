@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from checkpoints.atomic import atomic_dir
+from mistral_fn.atomic import atomic_dir
 from checkpoints.lazy import LazyTensor
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import CheckpointError

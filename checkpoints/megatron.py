@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 import sharding
-from checkpoints.atomic import atomic_dir
+from mistral_fn.atomic import atomic_dir
 from checkpoints.lazy import LazyTensor, materialize
 from checkpoints.megatron_pickle import ModelType, load_pt, save_pt
 from mistral_fn.config import MistralConfig

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from checkpoints.atomic import atomic_file
+from mistral_fn.atomic import atomic_file
 from mistral_fn.errors import CheckpointError
 from mistral_fn.params import leaves_with_paths, map_with_path
 

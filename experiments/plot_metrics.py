@@ -14,6 +14,7 @@ from pathlib import Path
 from absl import app, flags
 
 from experiments.cli import main_guard
+from mistral_fn.atomic import atomic_file
 from mistral_fn.errors import InputError
 
 _METRICS = flags.DEFINE_string("metrics", None, "JSON-lines metrics file written by a training script")
@@ -60,11 +61,9 @@ def plot_loss(records: list[dict], out: str | Path, title: str = "") -> Path:
         lr_ax.set_ylabel("learning rate", color="tab:orange")
     ax.set_title(title)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_file(out) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    tmp.replace(out)
     return out
 
 

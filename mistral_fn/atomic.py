@@ -1,0 +1,102 @@
+"""Atomic output, shared by checkpoints, datasets, caches, results and plots.
+
+A target `dir/name` is built under the deterministic sibling `dir/.name.partial` and renamed onto
+`dir/name` only when complete, so nothing that looks complete is ever half-written. Because the
+temporary name is a function of the target, whatever a killed process (kill -9, power loss) left
+behind is found and removed by the next write to the same target, with a log line:
+
+    with atomic_dir("ckpt/iter_0000100") as tmp:     # tmp = ckpt/.iter_0000100.partial (swept first)
+        write_everything_into(tmp)
+    # ckpt/iter_0000100 now exists, complete; the .partial is gone
+
+Replacing an existing directory moves it to `dir/.name.old` first (also swept), renames the new
+one into place, then deletes the old one. One writer per target at a time: concurrent writers of
+the same target must be serialised by the caller (e.g. rank 0 writes, the others wait).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from mistral_fn.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+def partial_path(target: str | os.PathLike) -> Path:
+    """The temporary name of `target` while it is being written: `dir/.name.partial`."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.partial")
+
+
+def _old_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def sweep(target: str | os.PathLike) -> list[Path]:
+    """Remove the leftovers of an interrupted write of `target` (its `.partial` and `.old`); return them."""
+    target = Path(target)
+    removed = []
+    for leftover in (partial_path(target), _old_path(target)):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover)
+        elif leftover.exists() or leftover.is_symlink():
+            leftover.unlink()
+        else:
+            continue
+        log.warning("removed %s, left by an interrupted write", leftover)
+        removed.append(leftover)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, overwrite: bool = False):
+    """Yield an empty `dir/.name.partial` directory; on success it becomes `target`.
+
+    An existing `target` is an error unless `overwrite`, and is then replaced only once the new
+    directory is complete. On any exception the partial directory is removed and `target` is untouched.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"{target}: already exists; pass overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep(target)
+    tmp = partial_path(target)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            old = _old_path(target)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike, mode: str = "wb", **open_kwargs):
+    """Yield a file object writing `dir/.name.partial`; on success it is synced and replaces `target`."""
+    target = Path(target)
+    if target.is_dir():
+        raise CheckpointError(f"{target}: is a directory; expected a file path to write")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep(target)
+    tmp = partial_path(target)
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
