@@ -295,6 +295,7 @@ def words_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_cli_prompt_and_chat(words_checkpoint):
     tokenizer = load_tokenizer()
     out = run_cli(f"--load={words_checkpoint}", "--prompt=how are you?", "--max_new_tokens=6")
@@ -308,6 +309,7 @@ def test_cli_prompt_and_chat(words_checkpoint):
     assert chat.stdout.count("assistant> ") == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, match", [(["--prompt_type=chatml"], "unknown chat template 'chatml'"),
                                          (["--load=/nonexistent"], "no such checkpoint")])
 def test_cli_bad_input(words_checkpoint, args, match):
@@ -315,6 +317,7 @@ def test_cli_bad_input(words_checkpoint, args, match):
     assert out.returncode == 1 and match in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_vocab_mismatch(tmp_path):
     config = SMALL
     checkpoints.save_hf(tmp_path / "hf", config, mf.init_params(config))

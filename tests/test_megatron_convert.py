@@ -275,6 +275,7 @@ def _cli(*flags):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_seed_commands_end_to_end(hf_dir, tmp_path):
     ref = tmp_path / "ref"  # the "original HF dir" of the seed's way back
     ref.mkdir()
@@ -297,6 +298,7 @@ def test_cli_seed_commands_end_to_end(hf_dir, tmp_path):
         f"error: {out}: already exists; pass --overwrite to replace it"]
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line(hf_dir, tmp_path):
     run = _cli("--loader=hf", "--saver=megatron", f"--load_dir={hf_dir}", f"--save_dir={tmp_path / 'mg'}",
                "--target_tensor_parallel_size=3")

@@ -233,6 +233,7 @@ def run_cli(*args, nproc=1):
                           timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_cli_end_to_end(data, tokenizer, params, tmp_path, nproc):
     """One process, and TP=2 under torchrun (rank 0 writes): the same predictions as in-process scoring."""
@@ -253,6 +254,7 @@ def test_cli_end_to_end(data, tokenizer, params, tmp_path, nproc):
     assert "total (micro)" in out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, match", [(["--protocol=mcq"], "--protocol='mcq'"),
                                          (["--task=gsm8k"], "only 'mmlu'"),
                                          (["--data_path=/nonexistent"], "MMLU data directory not found")])

@@ -19,6 +19,7 @@ def test_plot_from_jsonl(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_cli_writes_png_and_rejects_bad_files(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
     run = subprocess.run([sys.executable, "-m", "experiments.plot_metrics", f"--metrics={tmp_path / 'm.jsonl'}"],

@@ -156,6 +156,7 @@ def cli(*args):
                           text=True, cwd=Path(__file__).parent.parent, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_success_and_one_line_error(tmp_path):
     done = cli(f"--input={ALPACA}", f"--output_prefix={tmp_path}/sft", "--handler_name=GeneralInstructionHandler",
                "--append_eod", "--workers=2")

@@ -54,6 +54,7 @@ def reference(tmp_path_factory):
     return save, losses(save / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run_bit_for_bit_and_exit_interval_stops(tmp_path, reference):
     pretrain(*TINY, f"--load={reference[0]}/iter_0000003", f"--save={tmp_path}", "--exit_interval=5")
     assert (tmp_path / "latest").read_text() == "iter_0000005\n"
@@ -61,6 +62,7 @@ def test_resume_equals_uninterrupted_run_bit_for_bit_and_exit_interval_stops(tmp
     assert losses(tmp_path / "metrics.jsonl") == reference[1][3:5]  # exact float equality
 
 
+@pytest.mark.slow
 def test_dp2_x_tp2_matches_one_process(tmp_path, reference):
     pretrain(*TINY, "--tensor_model_parallel_size=2", f"--metrics_file={tmp_path}/m.jsonl", nproc=4)
     got, ref = losses(tmp_path / "m.jsonl"), reference[1]
@@ -68,6 +70,7 @@ def test_dp2_x_tp2_matches_one_process(tmp_path, reference):
     assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-5
 
 
+@pytest.mark.slow
 def test_flag_errors_are_one_line():
     done = pretrain(*TINY, "--global_batch_size=3", "--micro_batch_size=2", check=False)
     assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith("error: --global_batch_size=3")
@@ -106,6 +109,7 @@ def test_megatron_copy_holds_the_trained_params(reference):
         assert torch.equal(a, b), path
 
 
+@pytest.mark.slow
 def test_finetune_from_megatron_checkpoint_starts_at_step_0_and_loss_falls(tmp_path, sft_prefix, reference):
     pretrain("--model=tiny", "--seq_length=128", "--global_batch_size=4", "--micro_batch_size=2", "--split=100,0,0",
              "--train_iters=12", "--lr=5e-3", f"--load={reference[0]}/megatron", "--finetune",
@@ -130,6 +134,7 @@ print(json.dumps({"config": script.model_config().to_hf(), "mesh": script.check_
 """
 
 
+@pytest.mark.slow
 def test_7b_flagfiles_parse_into_the_seed_recipe():
     done = subprocess.run([sys.executable, "-c", FLAGFILE_PROBE], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]

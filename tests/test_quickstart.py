@@ -1,10 +1,12 @@
 """The main job runs every stage end to end (few steps, to keep the suite short)."""
 
+import pytest
 import json
 import subprocess
 import sys
 
 
+@pytest.mark.slow
 def test_quickstart_all_stages(tmp_path):
     run = subprocess.run([sys.executable, "-m", "experiments.quickstart", f"--workdir={tmp_path}",
                           "--pretrain_iters=4", "--finetune_iters=2"], capture_output=True, text=True, timeout=600)
@@ -18,6 +20,7 @@ def test_quickstart_all_stages(tmp_path):
     assert (tmp_path / "pretrain_loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_quickstart_bad_path_is_one_line(tmp_path):
     run = subprocess.run([sys.executable, "-m", "experiments.quickstart", f"--workdir={tmp_path}",
                           f"--hf_dir={tmp_path / 'missing'}"], capture_output=True, text=True, timeout=120)

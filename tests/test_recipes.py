@@ -25,6 +25,7 @@ def test_every_recipe_has_a_script():
     assert sum(len(v) for v in _by_module().values()) == 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, names", sorted(_by_module().items()))
 def test_flagfiles_parse(module, names):
     code = ("import sys, importlib; from absl import flags; importlib.import_module(sys.argv[1]); "
@@ -33,6 +34,7 @@ def test_flagfiles_parse(module, names):
     assert run.returncode == 0 and "parsed" in run.stdout, run.stderr[-1500:]
 
 
+@pytest.mark.slow
 def test_launcher_builds_multi_node_torchrun_command():
     env = dict(os.environ, PYTHON="echo", NNODES="2", NODE_RANK="1", MASTER_ADDR="node0", GPUS_PER_NODE="8")
     run = subprocess.run(["bash", str(RECIPES / "run.sh"), "pretrain_tp8", "--train_iters=5"], cwd=ROOT,

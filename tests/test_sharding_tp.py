@@ -166,6 +166,7 @@ def _experiment(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_torchrun_tp2_forward_greedy_tokens_match_tp1():
     run = _experiment("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                       "-m", "experiments.tp_forward", "--new_tokens=4")
@@ -175,6 +176,7 @@ def test_torchrun_tp2_forward_greedy_tokens_match_tp1():
     assert tp2 and tp1 and tp2.group(1) == tp1.group(1) and "TP=2 matches TP=1" in run.stdout, run.stdout
 
 
+@pytest.mark.slow
 def test_tp_forward_reports_a_bad_mesh_in_one_line():
     run = _experiment("-m", "experiments.tp_forward", "--tp=2")
     assert run.returncode == 1
