@@ -24,9 +24,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from mistral_fn.data.handlers import IGNORE_INDEX
 from mistral_fn.data.indexed import IndexedDataset
 from mistral_fn.errors import InputError
+from mistral_fn.vocab_parallel import IGNORE_INDEX
 
 SPLITS = ("train", "valid", "test")
 
