@@ -8,6 +8,7 @@ import torch
 
 import mistral_fn as mf
 from mistral_fn.params import leaves_with_paths
+from tests.snapshots import contents, one_line
 
 
 def test_7b_on_meta_has_the_published_parameter_count():
@@ -113,3 +114,30 @@ def test_grad_and_value_on_meta():
     batch = {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(2, 8, device="meta")}
     grads, loss = torch.func.grad_and_value(mf.loss_fn)(params, batch, cfg)
     assert loss.shape == () and grads["embed"].shape == (cfg.vocab_size, cfg.dim)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[{"model_type": "mistral"}]', "config.json: expected a JSON object, got a JSON list"),
+    ("{'model_type': 'mistral'}", "config.json: not valid JSON"),
+    ("", "config.json: not valid JSON"),
+    (b'{"model_type": "mistral", "x": "\xff"}', "config.json: not valid JSON .*utf-8"),
+    ({"rms_norm_eps": "abc"}, "config.json: rms_norm_eps: expected a number, got 'abc'"),
+    ({"rope_theta": [1e6]}, r"config.json: rope_theta: expected a number, got \[1000000.0\]"),
+    ({"hidden_size": "4096"}, "config.json: hidden_size: expected a positive integer, got '4096'"),
+    ({"num_hidden_layers": True}, "config.json: num_hidden_layers: expected a positive integer, got True"),
+    ({"intermediate_size": -1}, "config.json: intermediate_size: expected a positive integer, got -1"),
+    ({"sliding_window": 4.5}, "config.json: sliding_window: expected a positive integer, got 4.5"),
+    ({"rope_parameters": "default"}, "config.json: rope_parameters: expected a JSON object, got 'default'"),
+    ({"eos_token_id": "</s>"}, "config.json: eos_token_id: expected a token id"),
+    ({"vocab_size": None}, "config.json: missing required key 'vocab_size'"),
+    ({"num_attention_heads": None}, "config.json: missing required key 'num_attention_heads'"),
+])
+def test_bad_config_json_is_one_error_naming_file_and_field(tmp_path, text, message):
+    if isinstance(text, dict):
+        text = json.dumps({k: v for k, v in dict(_hub_v02_config(), **text).items() if v is not None})
+    (tmp_path / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    before = contents(tmp_path)
+    with pytest.raises(mf.ConfigError, match=message) as caught:
+        mf.MistralConfig.from_hf(tmp_path)
+    assert one_line(caught.value).startswith(str(tmp_path / "config.json"))
+    assert contents(tmp_path) == before
