@@ -176,7 +176,8 @@ def _api_calls(params, cfg=TINY):
     (lambda t: t["layers"][1].update(mlp_norm=torch.ones(64, 1)), r"mlp_norm: shape \(64, 1\), expected \(64,\)"),
     (lambda t: t.update(norm=[1.0] * 64), r"params norm: expected a tensor of shape \(64,\), got list"),
     (lambda t: t.update(layers=tuple(t["layers"])), "params layers: expected a list, got tuple"),
-    (lambda t: t.update(output=torch.zeros(31999, 64)), r"params output: shape \(31999, 64\), expected \(>=32000, 64\)"),
+    (lambda t: t.update(output=torch.zeros(31999, 64)),
+     r"params output: shape \(31999, 64\), expected \(>=32000, 64\)"),
     (lambda t: t.update(output=torch.zeros(32008, 64)), "params output: 32008 vocab rows but embed has 32000"),
 ])
 def test_params_tree_is_checked_at_every_entry(mutate, message):
