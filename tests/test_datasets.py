@@ -12,7 +12,7 @@ import torch
 
 import mistral_fn as mf
 from experiments.preprocess_data import PreprocessConfig, run
-from mistral_fn.data import cache as cache_module, datasets
+from mistral_fn.data import datasets
 from mistral_fn.data.datasets import (GPTDataset, InstructionDataset, build_gpt_indices, iterate_batches,
                                       split_bounds)
 from mistral_fn.data.handlers import InstructionHandler
@@ -128,7 +128,7 @@ def test_cache_beside_a_writable_dataset_else_in_the_user_cache_dir(tmp_path, mo
     before = contents(data)
     data.chmod(0o555)
     if os.geteuid() == 0:  # root ignores permission bits; judge by them as any other user would
-        monkeypatch.setattr(cache_module.os, "access", lambda path, mode: bool(os.stat(path).st_mode & 0o200))
+        monkeypatch.setattr(os, "access", lambda path, mode: bool(os.stat(path).st_mode & 0o200))
     try:
         ds = GPTDataset(str(data / "c"), 8, seed=0, split="1,0,0")
     finally:

@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from mistral_fn.atomic import atomic_dir
+from mistral_fn.atomic import atomic_dir, writable
 from mistral_fn.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,6 @@ def cache_dirs(prefix: str | os.PathLike, kind: str, cache_dir: str | os.PathLik
     if cache_dir is not None:
         return [Path(cache_dir)]
     return [Path(prefix) / "cache" / f"{kind}_indices", user_cache_dir() / f"{kind}_indices"]
-
-
-def writable(path: Path) -> bool:
-    """Whether `path` can be created or written: its nearest existing ancestor is a writable directory."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
 def cached(dirs: list[Path], description: dict, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
