@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from checkpoints import atomic_file
+from experiments import cli
 from experiments.cli import main_guard
 from experiments.loading import load_model_and_tokenizer, parse_dtype
 from mistral_fn.errors import InputError
@@ -67,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

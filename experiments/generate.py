@@ -13,8 +13,9 @@ import sys
 import time
 
 import torch.distributed as dist
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from experiments.cli import main_guard
 from experiments.loading import load_model_and_tokenizer, parse_dtype
 from mistral_fn.generate import generate_stream, stream_text
@@ -121,4 +122,4 @@ def converse(params, config, tokenizer, template, mesh) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

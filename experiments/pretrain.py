@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from absl import app, flags
+from absl import flags
 from torch.utils import _pytree as pytree
 
 import checkpoints
 import mistral_fn as mf
 import sharding
 from checkpoints import native
+from experiments import cli
 from experiments.cli import main_guard
 from mistral_fn import optim, train
 from mistral_fn.data import GPTDataset, InstructionDataset, iterate_batches
@@ -348,4 +349,4 @@ def _fmt(v):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

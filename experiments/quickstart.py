@@ -27,10 +27,11 @@ import time
 from pathlib import Path
 
 import torch
-from absl import app, flags
+from absl import flags
 
 import checkpoints
 import mistral_fn as mf
+from experiments import cli
 from experiments.cli import main_guard
 from experiments.plot_metrics import plot_loss, read_metrics
 from mistral_fn.errors import MistralFnError
@@ -203,4 +204,4 @@ def _same_params(dir_a: Path, dir_b: Path) -> bool:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
