@@ -160,7 +160,9 @@ def main(argv):
                                                                   "--is_instruction_dataset", "--lr=1e-3"]),
     ):
         t = p.stage(f"{name}: TP={p.tp} over torchrun")
-        p.run(name, "experiments.pretrain", *train_flags, *extra, f"--load={load}", f"--train_iters={iters}",
+        # Pretraining resumes the converted checkpoint's iteration 1, as Megatron does; fine-tuning starts at 0.
+        end = iters + (1 if name == "pretrain" else 0)
+        p.run(name, "experiments.pretrain", *train_flags, *extra, f"--load={load}", f"--train_iters={end}",
               f"--save={workdir / name}", distributed=True)
         records, summary = _summary(workdir / name / "metrics.jsonl")
         stats[name] = records
