@@ -29,7 +29,7 @@ import checkpoints
 import mistral_fn as mf
 import sharding
 from checkpoints import native
-from experiments.megatron_flags import Architecture
+from experiments.architecture import Architecture
 from mistral_fn import optim, train as mf_train
 from mistral_fn.data import GPTDataset, InstructionDataset, iterate_batches
 from mistral_fn.errors import CheckpointError, ConfigError, DivergenceError
