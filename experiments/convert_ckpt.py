@@ -17,10 +17,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from tqdm import tqdm
 
 from checkpoints.convert import DTYPES, FORMATS, convert
+from experiments import cli
 from experiments.cli import main_guard
 from mistral_fn.errors import ConfigError
 
@@ -74,4 +75,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

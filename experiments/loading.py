@@ -22,18 +22,6 @@ from mistral_fn.errors import CheckpointError, InputError
 from mistral_fn.params import cast, map_with_path, param_shapes, tree_map
 from mistral_fn.tokenizer import Tokenizer, load_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype | None:
-    """A `--dtype` flag value (empty: keep the stored dtype)."""
-    if not name:
-        return None
-    if name not in DTYPES:
-        raise InputError(f"--dtype={name!r}: expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 def load_any(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[MistralConfig, dict]:
     """`(config, full params)` on the CPU from a checkpoint directory of any supported format."""
     path = Path(path)
@@ -89,3 +77,18 @@ def load_model_and_tokenizer(load: str, tokenizer_model: str = "", dtype: torch.
         sharding.validate_tp(config, mesh.size)
         params = sharding.shard(params, sharding.match(params, sharding.mistral_rules(config)), mesh.shape, mesh.coords)
     return config, tree_map(lambda x: x.to(mesh.device), params), tokenizer, mesh
+
+
+def load_for_inference(args) -> tuple[MistralConfig, dict, Tokenizer, sharding.Mesh]:
+    """`load_model_and_tokenizer` for generate/evaluate's `megatron_flags.InferenceArgs`: the TP size must be
+    the number of processes, the architecture flags must agree with the checkpoint (`--sliding_window`
+    overrides its window), and `--seq_length` caps the model's context."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tensor_model_parallel_size not in (None, world):
+        raise InputError(f"--tensor_model_parallel_size={args.tensor_model_parallel_size}: inference is tensor-"
+                         f"parallel over all WORLD_SIZE={world} processes; launch {args.tensor_model_parallel_size}")
+    config, params, tokenizer, mesh = load_model_and_tokenizer(args.load, args.tokenizer or "", args.dtype, args.device)
+    config = args.arch.check(config, args.load)
+    if args.seq_length is not None:
+        config = config.replace(max_seq_len=min(config.max_seq_len, args.seq_length))
+    return config, params, tokenizer, mesh

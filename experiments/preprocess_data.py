@@ -24,9 +24,10 @@ import multiprocessing
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 from tqdm import tqdm
 
+from experiments import cli
 from experiments.cli import main_guard
 from mistral_fn.data.handlers import HANDLER_NAMES, encode_row, make_handler
 from mistral_fn.data.indexed import IndexedDatasetWriter
@@ -206,4 +207,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
