@@ -99,11 +99,12 @@ def update_keeps_params_finite(params, updates, tp: TensorParallel = SINGLE_DEVI
     """Whether every element of `params + updates` (summed in each param's dtype, as
     `optim.apply_updates` does) is finite on every tp rank: a 0-d bool tensor, one host sync to read.
 
-    Each leaf's sum is a temporary (one leaf-sized buffer at a time); `params` are not modified.
+    Each leaf's sum is a temporary (one leaf-sized buffer at a time) reduced to its largest magnitude
+    (NaN if it holds a NaN); `params` are not modified.
     """
-    sums_finite = [torch.isfinite(p + u.to(p.dtype)).all()
-                   for p, u in zip(pytree.tree_leaves(params), pytree.tree_leaves(updates), strict=True)]
-    bad = (~torch.stack(sums_finite).all()).to(torch.float32)
+    largest = [torch.linalg.vector_norm(p + u.to(p.dtype), float("inf")).float()
+               for p, u in zip(pytree.tree_leaves(params), pytree.tree_leaves(updates), strict=True)]
+    bad = (~torch.isfinite(torch.stack(largest)).all()).to(torch.float32)
     return (tp.all_reduce(bad, "max") if tp.size > 1 else bad) == 0
 
 
