@@ -163,9 +163,13 @@ def cli(*args):
 
 @pytest.mark.slow
 def test_cli_success_and_one_line_error(tmp_path):
-    done = cli(f"--input={ALPACA}", f"--output_prefix={tmp_path}/sft", "--handler_name=GeneralInstructionHandler",
-               "--append_eod", "--workers=2")
+    (tmp_path / "hf").mkdir()
+    shutil.copy(default_tokenizer_path(), tmp_path / "hf" / "tokenizer.model")
+    done = cli("--input", str(ALPACA), "--output-prefix", f"{tmp_path}/sft", "--tokenizer-type", "PretrainedFromHF",
+               "--tokenizer-name-or-path", f"{tmp_path}/hf", "--append-eod", "--tokenizer-not-use-fast",
+               "--handler-name", "GeneralInstructionHandler", "--workers", "2")  # the seed's, ModelLink-spelt
     assert done.returncode == 0, done.stderr
+    assert done.stderr.count("SentencePiece (tokenizer.model) is the slow tokenizer") == 1
     assert "wrote 36 documents" in done.stdout and len(read_docs(f"{tmp_path}/sft_packed_labels_document")) == 36
     bad_jsonl(tmp_path / "bad.jsonl")
     failed = cli(f"--input={tmp_path}/bad.jsonl", f"--output_prefix={tmp_path}/bad")
