@@ -1,5 +1,6 @@
 """Pretraining and instruction datasets, their indices, and the data-parallel batch iterator."""
 
+import ast
 import multiprocessing
 import os
 import time
@@ -21,7 +22,8 @@ from mistral_fn.errors import InputError
 from mistral_fn.tokenizer import load_tokenizer
 from tests.snapshots import contents
 
-ALPACA = Path(__file__).parent / "data" / "alpaca_sample.jsonl"
+ROOT = Path(__file__).parent.parent
+ALPACA = ROOT / "tests" / "data" / "alpaca_sample.jsonl"
 
 
 def write_unique_docs(prefix, lengths):
@@ -241,3 +243,15 @@ def test_batches_feed_loss_fn(sft):
     assert batch["loss_mask"].sum() > 0
     loss = mf.loss_fn(params, batch, cfg)
     assert torch.isfinite(loss) and 9.0 < loss.item() < 12.0  # ~ln(32000) for random weights
+
+
+def test_ignore_index_is_defined_once_and_vocab_parallel_needs_no_loss():
+    from mistral_fn import loss, vocab_parallel
+    from mistral_fn.data import handlers
+    assert loss.IGNORE_INDEX is vocab_parallel.IGNORE_INDEX is handlers.IGNORE_INDEX is datasets.IGNORE_INDEX == -100
+    trees = {path: ast.parse(path.read_text()) for path in (ROOT / "mistral_fn").rglob("*.py")}
+    definitions = [path.name for path, tree in trees.items() for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                   and any(getattr(target, "id", None) == "IGNORE_INDEX" for target in node.targets)]
+    assert definitions == ["vocab_parallel.py"]
+    assert not [node for node in ast.walk(trees[ROOT / "mistral_fn" / "vocab_parallel.py"])
+                if isinstance(node, ast.ImportFrom) and node.module == "mistral_fn.loss"]  # no import cycle
