@@ -42,7 +42,7 @@ def check_logits(logits: torch.Tensor, cause: str = MODEL_FAULT) -> None:
         row = int(bad.nonzero()[0, 0])
         value = float(top[row])
         kind = "NaN" if math.isnan(value) else "+inf" if value > 0 else "-inf for every token"
-        raise InputError(f"logits row {row} of {len(top)} are not finite ({kind}): {cause}")
+        raise InputError(f"logits row {row} of {len(top)} is not finite ({kind}): {cause}")
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:

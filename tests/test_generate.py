@@ -208,10 +208,10 @@ def test_non_finite_logits_are_refused_and_excluded_tokens_are_not():
     for row, kind in ((torch.tensor([0.5, nan, 2.0]), "NaN"), (torch.tensor([0.5, inf, 2.0]), r"\+inf"),
                       (torch.tensor([-inf, -inf, -inf]), "-inf for every token")):
         for temperature in (0.0, 1.0):
-            message = f"logits row 1 of 3 are not finite \\({kind}\\): the model's weights"
+            message = f"logits row 1 of 3 is not finite \\({kind}\\): the model's weights"
             with pytest.raises(mf.InputError, match=message):
                 sampling.sample(torch.stack([fine[0], row, fine[1]]), temperature=temperature)
-    with pytest.raises(mf.InputError, match="logits row 0 of 1 are not finite .*repetition_penalty=1e-40 overflows"):
+    with pytest.raises(mf.InputError, match="logits row 0 of 1 is not finite .*repetition_penalty=1e-40 overflows"):
         sampling.sample(torch.tensor([[30.0, 1.0]]), repetition_penalty=1e-40, seen=torch.tensor([[True, False]]))
 
 
@@ -219,7 +219,7 @@ def test_generation_from_non_finite_weights_is_an_error_not_token_0():
     params = mf.init_params(SMALL)
     params["layers"][1]["mlp"]["w_down"] = params["layers"][1]["mlp"]["w_down"] * float("nan")
     for temperature in (0.0, 0.8):
-        with pytest.raises(mf.InputError, match=r"logits row 0 of 2 are not finite \(NaN\)") as caught:
+        with pytest.raises(mf.InputError, match=r"logits row 0 of 2 is not finite \(NaN\)") as caught:
             generate(params, [[5, 6], [7]], SMALL, max_new_tokens=3, temperature=temperature)
         one_line(caught.value)
 

@@ -240,7 +240,7 @@ def test_non_finite_logits_stop_the_evaluation(data, tokenizer, params):
     test, dev = mmlu.load_mmlu(data, 1)
     broken = dict(params, norm=params["norm"] * float("nan"))
     for protocol in mmlu.PROTOCOLS:
-        with pytest.raises(mf.InputError, match=r"logits row 0 of 2 are not finite \(NaN\)") as caught:
+        with pytest.raises(mf.InputError, match=r"logits row 0 of 2 is not finite \(NaN\)") as caught:
             mmlu.evaluate(logits_fn(broken), tokenizer, test, dev, protocol=protocol, max_len=512, batch_size=2)
         one_line(caught.value)
 
