@@ -8,7 +8,8 @@
 
 One step = gradient accumulation over micro-batches (float32), data-parallel all-reduce, the global
 gradient norm (TP-aware), a non-finite check (skip, count, stop after `max_skipped` in a row),
-clipping, the optimizer update. The loss follows Megatron: each micro-batch's masked mean, averaged
+clipping, the optimizer update, and a second check that refuses (skips, counts) an update that would
+make any parameter non-finite. The loss follows Megatron: each micro-batch's masked mean, averaged
 over micro-batches and dp ranks.
 
 Gradients come from `value_and_grad`, built on `torch.autograd.grad` over detached leaves: measured
@@ -94,6 +95,19 @@ def global_grad_norm(grads, tp: TensorParallel = SINGLE_DEVICE, sharded_paths: C
     return (sq + optim.squared_norm(replicated)).sqrt()
 
 
+def update_keeps_params_finite(params, updates, tp: TensorParallel = SINGLE_DEVICE) -> torch.Tensor:
+    """Whether every element of `params + updates` (summed in each param's dtype, as
+    `optim.apply_updates` does) is finite on every tp rank: a 0-d bool tensor, one host sync to read.
+
+    Each leaf's sum is a temporary (one leaf-sized buffer at a time) reduced to its largest magnitude
+    (NaN if it holds a NaN); `params` are not modified.
+    """
+    largest = [torch.linalg.vector_norm(p + u.to(p.dtype), float("inf")).float()
+               for p, u in zip(pytree.tree_leaves(params), pytree.tree_leaves(updates), strict=True)]
+    bad = (~torch.isfinite(torch.stack(largest)).all()).to(torch.float32)
+    return (tp.all_reduce(bad, "max") if tp.size > 1 else bad) == 0
+
+
 def split_micro_batches(batch: dict, micro_batch_size: int) -> list[dict]:
     """`[N, ...]` tensors to `N / micro_batch_size` dicts of `[micro_batch_size, ...]` views."""
     sizes = {k: v.shape[0] for k, v in batch.items()}
@@ -118,9 +132,11 @@ def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: opt
     compute_dtype: forward/backward dtype for float32 master `state.params` (None: use them as is).
     loss_scale: fp16 dynamic loss scaling (`optim.dynamic_loss_scale()`); its state lives in `state`.
     schedule: only to report `lr` in the metrics (evaluated at the count of applied updates).
-    max_skipped: raise `DivergenceError` after this many non-finite steps in a row.
+    max_skipped: raise `DivergenceError` after this many refused steps in a row (non-finite loss or
+    gradients, or an update that would make a parameter non-finite).
     donate: the step may overwrite the incoming `state`'s params and optimizer moments (JAX's buffer
     donation): same results, ~3 fewer parameter-sized buffers, but the old state must not be reused.
+    A refused update keeps the params either way; with `donate` its moments were already advanced.
 
     metrics: floats `loss`, `grad_norm` (before clipping), `lr` (with `schedule`), `loss_scale`, and
     `skipped` (0/1), `skipped_total`.
@@ -162,20 +178,28 @@ def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: opt
             metrics["loss_scale"] = float(state.loss_scale.scale)
         consumed = state.consumed_samples + len(micro) * micro_batch_size * dp.size
         if not bool(finite):
-            in_row = state.skipped_in_row + 1
-            if int(in_row) >= max_skipped:
-                raise DivergenceError(f"{int(in_row)} consecutive steps with non-finite loss or gradients "
-                                      f"(step {int(state.step) + 1}: loss {float(loss)}, grad norm {float(norm)})")
-            new = state._replace(step=state.step + 1, consumed_samples=consumed, skipped_in_row=in_row,
-                                 skipped_total=state.skipped_total + 1, loss_scale=new_scale)
-            return new, {**metrics, "skipped": 1, "skipped_total": int(new.skipped_total)}
+            return _skipped(state, consumed, new_scale, metrics, max_skipped, "non-finite loss or gradients")
         if max_grad_norm is not None:
             torch._foreach_mul_(pytree.tree_leaves(grads), optim.clip_coefficient(norm, max_grad_norm))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, donate=donate)
         del grads
+        if not bool(update_keeps_params_finite(state.params, updates, tp)):
+            return _skipped(state, consumed, new_scale, metrics, max_skipped, "updates that make parameters non-finite")
         new = TrainState(optim.apply_updates(state.params, updates, donate=donate), opt_state, state.step + 1, consumed,
                          torch.zeros_like(state.skipped_in_row), state.skipped_total, new_scale)
         return new, {**metrics, "skipped": 0, "skipped_total": int(new.skipped_total)}
 
     return step
+
+
+def _skipped(state: TrainState, consumed, loss_scale, metrics: dict, max_skipped: int, reason: str):
+    """The state and metrics of a refused step (params and optimizer state kept), or `DivergenceError`
+    once `max_skipped` steps in a row are refused."""
+    in_row = state.skipped_in_row + 1
+    if int(in_row) >= max_skipped:
+        raise DivergenceError(f"{int(in_row)} consecutive steps refused, the last for {reason} (step "
+                              f"{int(state.step) + 1}: loss {metrics['loss']}, grad norm {metrics['grad_norm']})")
+    new = state._replace(step=state.step + 1, consumed_samples=consumed, skipped_in_row=in_row,
+                         skipped_total=state.skipped_total + 1, loss_scale=loss_scale)
+    return new, {**metrics, "skipped": 1, "skipped_total": int(new.skipped_total)}
 
