@@ -8,14 +8,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from absl import flags
 
-from checkpoints import atomic_file
 from experiments import cli, megatron_flags
 from experiments.cli import main_guard
 from experiments.loading import load_for_inference
+from mistral_fn.atomic import atomic_file, check_file_target
 from mistral_fn.errors import InputError
 from mistral_fn.evaluation import mmlu
 from mistral_fn.generate import next_token_logits
@@ -48,8 +47,8 @@ def main(argv):
         raise InputError(f"--max_new_tokens={_MAX_NEW.value}: the MMLU protocols score one next token; pass 1")
     if _SHOTS.value < 0:
         raise InputError(f"--num_fewshot must be >= 0, got {_SHOTS.value}")
-    if _RESULTS.value and Path(_RESULTS.value).is_dir():
-        raise InputError(f"--results_path={_RESULTS.value} is a directory; give a file path for the JSON results")
+    if _RESULTS.value:
+        check_file_target(_RESULTS.value)  # before the evaluation, not after it
     test, dev = mmlu.load_mmlu(_DATA.value, _SHOTS.value)
     config, params, tokenizer, mesh = load_for_inference(megatron_flags.inference_args(_DTYPE.value))
     megatron_flags.report_kernels(mesh)
