@@ -2,8 +2,13 @@
 
 import functools
 import logging
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -14,6 +19,8 @@ import mistral_fn as mf
 from checkpoints import native
 from mistral_fn import optim, train
 from mistral_fn.errors import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
 
 CFG = mf.MistralConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
 OPT = optim.adamw(optim.warmup_cosine(1e-2, decay_steps=6, warmup_steps=1), b2=0.95, weight_decay=0.1,
@@ -235,3 +242,27 @@ def test_a_killed_save_leaves_a_partial_that_the_next_save_sweeps(tmp_path, capl
         save_ranks(tmp_path, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "iter_0000003", "latest", "owner.msgpack"]
     assert sum("interrupted write" in r.getMessage() for r in caplog.records) == 2
+
+
+@pytest.mark.slow
+def test_a_two_process_resume_from_mixed_ranks_fails_on_every_rank_without_hanging(tmp_path):
+    """Both processes of a TP=2 resume read every rank's metadata, so each exits on its own with the same
+    line (no launcher that kills the peer of a failed worker: plain processes with torchrun's variables)."""
+    for run in ("a", "b"):
+        save_ranks(tmp_path / run, 3, extra={"tp": 2, "dp": 1})
+    for name in ("rank_001.safetensors", "rank_001.msgpack"):
+        shutil.copyfile(tmp_path / "b" / "iter_0000003" / name, tmp_path / "a" / "iter_0000003" / name)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "experiments.pretrain", "--model=tiny", "--seq_length=16", "--train_iters=4",
+               "--global_batch_size=2", "--tensor_model_parallel_size=2", f"--load={tmp_path / 'a'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen(command, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    errors = [err.strip().splitlines()[-1] for _, err in outputs]
+    assert [p.returncode for p in procs] == [1, 1] and errors[0] == errors[1], outputs
+    assert errors[0].startswith("error: ") and "rank_001.msgpack: run_id" in errors[0]
+    assert "different checkpoints" in errors[0]
