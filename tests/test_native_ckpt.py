@@ -249,7 +249,7 @@ def test_a_two_process_resume_from_mixed_ranks_fails_on_every_rank_without_hangi
     """Both processes of a TP=2 resume read every rank's metadata, so each exits on its own with the same
     line (no launcher that kills the peer of a failed worker: plain processes with torchrun's variables)."""
     for run in ("a", "b"):
-        save_ranks(tmp_path / run, 3, extra={"tp": 2, "dp": 1})
+        save_ranks(tmp_path / run, 3, extra={"tp": 2, "dp": 1, "config": mf.MistralConfig.tiny().to_hf()})
     for name in ("rank_001.safetensors", "rank_001.msgpack"):
         shutil.copyfile(tmp_path / "b" / "iter_0000003" / name, tmp_path / "a" / "iter_0000003" / name)
     with socket.socket() as s:
