@@ -170,7 +170,7 @@ def starting_point(config: TrainConfig) -> Start:
     from checkpoints.megatron import TRACKER, read_megatron
     if (path / TRACKER).is_file():
         hf = _hf_config_for(config)
-        stored, source, lazy = read_megatron(path, hf=hf)
+        stored, source, lazy = read_megatron(path, hf=hf, rotary_base=config.arch.rotary_base)
         model = config.arch.check(stored, str(path))
         params = cast(materialize(lazy), torch.float32)
         if config.finetune or source.iteration == "release":

@@ -87,16 +87,25 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False):
     tmp.mkdir()
     try:
         yield tmp
-        if target.exists():
-            old = _old_path(target)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        publish_dir(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_dir(target: str | os.PathLike) -> None:
+    """Rename the complete `dir/.name.partial` onto `target`; an existing `target` is moved to `dir/.name.old`
+    first and deleted once the new one is in place. For writers that fill the partial directory themselves
+    (e.g. several ranks, each writing its own files)."""
+    target = Path(target)
+    tmp = partial_path(target)
+    if target.exists():
+        old = _old_path(target)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
 
 
 @contextlib.contextmanager
