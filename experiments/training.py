@@ -29,6 +29,8 @@ import checkpoints
 import mistral_fn as mf
 import sharding
 from checkpoints import native
+from checkpoints.lazy import materialize
+from checkpoints.megatron import read_megatron, save_megatron
 from experiments.architecture import Architecture
 from mistral_fn import optim, train as mf_train
 from mistral_fn.data import GPTDataset, InstructionDataset, iterate_batches
@@ -153,7 +155,11 @@ class Start:
 
 
 def starting_point(config: TrainConfig) -> Start:
-    """Resolve `config.load` (or the preset) into the model config and initial parameters."""
+    """Resolve `config.load` (or the preset) into the model config and initial parameters.
+
+    HF and Megatron checkpoints give float32 params (a Megatron one also its iteration and consumed
+    samples, unless `finetune`); a native one gives only the config here (`train` restores its whole state).
+    """
     if not config.load:
         model = config.arch.define(mf.MistralConfig.preset(preset_name(config.model)))
         model = model.replace(max_seq_len=max(model.max_seq_len, config.seq_length))
@@ -162,29 +168,26 @@ def starting_point(config: TrainConfig) -> Start:
             scale = config.init_method_std / INIT_STD
             params = map_with_path(lambda p, x: x * scale if x.dim() > 1 else x, params)
         return Start(model, params)
-    path = Path(config.load)
-    if native.is_native(path):
-        stored = mf.MistralConfig.from_hf(native.read_metadata(path)["extra"]["config"])
-        return Start(config.arch.check(stored, str(path)), None)
-    from checkpoints.lazy import materialize
-    from checkpoints.megatron import TRACKER, read_megatron
-    if (path / TRACKER).is_file():
-        hf = _hf_config_for(config)
-        stored, source, lazy = read_megatron(path, hf=hf, rotary_base=config.arch.rotary_base)
-        model = config.arch.check(stored, str(path))
-        params = cast(materialize(lazy), torch.float32)
-        if config.finetune or source.iteration == "release":
+    fmt = checkpoints.detect_format(config.load)
+    if fmt == "native":
+        stored, _, _ = checkpoints.read_native_params(config.load, verify=False)
+        return Start(config.arch.check(stored, config.load), None)
+    if fmt == "megatron":
+        stored, source, lazy = read_megatron(config.load, _hf_dir(config), rotary_base=config.arch.rotary_base)
+        model, params = config.arch.check(stored, config.load), materialize(lazy, torch.float32)
+        if config.finetune:
             return Start(model, params)
-        return Start(model, params, int(source.iteration), int(getattr(source.args, "consumed_train_samples", 0) or 0))
-    stored, params = checkpoints.load_hf(path, dtype=torch.float32)
-    return Start(config.arch.check(stored, str(path)), params)
+        return Start(model, params, source.step, source.consumed_train_samples)
+    stored, params = checkpoints.load_hf(config.load, dtype=torch.float32)
+    return Start(config.arch.check(stored, config.load), params)
 
 
-def _hf_config_for(config: TrainConfig) -> mf.MistralConfig | None:
-    """An HF config that supplies what ModelLink's Megatron args lack (the rope base): `--rotary_base`, else the
-    config.json beside the tokenizer (the seed passes the HF model directory as the tokenizer)."""
+def _hf_dir(config: TrainConfig) -> str | None:
+    """The HF directory that supplies what ModelLink's Megatron args lack (the rope base, after
+    `--rotary_base`): the tokenizer's directory when it holds a config.json (the seed passes the HF model
+    directory as `--tokenizer-name-or-path`)."""
     if config.tokenizer and (Path(config.tokenizer) / "config.json").is_file():
-        return mf.MistralConfig.from_hf(config.tokenizer)
+        return config.tokenizer
     return None
 
 
@@ -262,6 +265,8 @@ def train(config: TrainConfig, mesh: sharding.Mesh, log: "Logger | None" = None)
     rank, tp_rank, dp_rank = mesh.rank, mesh.coords.get("tp", 0), mesh.coords.get("dp", 0)
     dp = sharding.GroupTP(mesh.group("dp")) if dp_size > 1 else mf.SINGLE_DEVICE
     barrier = dist.barrier if mesh.size > 1 else None
+    claim = checkpoints.claim_save_dir(config.save, config.load, finetune=config.finetune, rank=rank,
+                                       barrier=barrier) if config.save else None
 
     start = starting_point(config)
     model = start.model
@@ -311,10 +316,10 @@ def train(config: TrainConfig, mesh: sharding.Mesh, log: "Logger | None" = None)
     def save(step: int) -> None:
         tree = {"train": state, "rng": generator.get_state()}
         extra = {"tp": tp_size, "dp": dp_size, "config": model.to_hf()}
-        path = native.save_native(config.save, step, tree, extra=extra, rank=rank, world_size=mesh.size,
-                                  keep=config.keep_last, barrier=barrier)
+        path = native.save_native(config.save, step, tree, extra=extra, run_id=claim.run_id, rank=rank,
+                                  world_size=mesh.size, keep=config.keep_last, barrier=barrier)
         if config.save_format == "megatron":
-            save_megatron_copy(config, model, state.params, specs, rank, mesh)
+            save_megatron_copy(config, model, state, specs, rank, mesh)
         log.text(f"saved {path}")
 
     data = Data(config, model, "train", config.train_iters * config.global_batch_size, dp_rank, dp_size)
@@ -390,13 +395,13 @@ def evaluate(config: TrainConfig, loss, params, data: Data, dp, device) -> float
     return float(dp.all_reduce(torch.stack(losses).mean(), "sum") / dp.size)
 
 
-def save_megatron_copy(config: TrainConfig, model: mf.MistralConfig, params, specs, rank: int, mesh) -> None:
-    """Gather the full params (over tp) and let rank 0 write a ModelLink checkpoint to `<save>/megatron`."""
-    from checkpoints.megatron import save_megatron
+def save_megatron_copy(config: TrainConfig, model: mf.MistralConfig, state, specs, rank: int, mesh) -> None:
+    """Gather the full params (over tp) and let rank 0 write them as a ModelLink checkpoint to `<save>/megatron`
+    at the run's iteration and consumed samples (what Megatron resumes)."""
     tp_size = mesh.shape.get("tp", 1)
-    full = params
+    full = state.params
     if tp_size > 1:
-        leaves, treedef = pytree.tree_flatten(params)
+        leaves, treedef = pytree.tree_flatten(state.params)
         gathered = []
         for x in leaves:
             parts = [torch.empty_like(x) for _ in range(tp_size)]
@@ -405,9 +410,10 @@ def save_megatron_copy(config: TrainConfig, model: mf.MistralConfig, params, spe
         pieces = [pytree.tree_unflatten([g[t] for g in gathered], treedef) for t in range(tp_size)]
         full = sharding.unshard(pieces, specs, {"tp": tp_size})
     if rank == 0:
-        dtype = config.compute_dtype or torch.float32
-        save_megatron(Path(config.save) / "megatron", model, full, tp=tp_size, pp=1, dtype=dtype,
-                      make_vocab_size_divisible_by=config.make_vocab_size_divisible_by, overwrite=True)
+        save_megatron(Path(config.save) / "megatron", model, full, tp=tp_size, pp=1,
+                      dtype=config.compute_dtype or torch.float32,
+                      make_vocab_size_divisible_by=config.make_vocab_size_divisible_by, iteration=int(state.step),
+                      consumed_train_samples=int(state.consumed_samples), overwrite=True)
     if mesh.size > 1:
         dist.barrier()
 

@@ -101,11 +101,14 @@ def test_megatron_copy_holds_the_trained_params(reference):
     from checkpoints.lazy import materialize
     from checkpoints.megatron import read_megatron
     cfg = mf.MistralConfig.tiny()
-    _, _, lazy = read_megatron(reference[0] / "megatron", hf=cfg)
+    _, source, lazy = read_megatron(reference[0] / "megatron", hf=cfg)
+    assert (reference[0] / "megatron" / "latest_checkpointed_iteration.txt").read_text() == "6"
+    assert (source.step, source.consumed_train_samples) == (6, 24)  # the true iteration, as Megatron resumes it
     template = {"train": train.init_train_state(mf.init_params(cfg), optim.adamw(1e-3)),
                 "rng": torch.Generator().get_state()}
     saved, _ = native.load_native(reference[0], template)
-    for (path, a), (_, b) in zip(leaves_with_paths(materialize(lazy)), leaves_with_paths(saved["train"].params)):
+    for (path, a), (_, b) in zip(leaves_with_paths(materialize(lazy)), leaves_with_paths(saved["train"].params),
+                                 strict=True):
         assert torch.equal(a, b), path
 
 
