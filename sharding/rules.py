@@ -21,14 +21,16 @@ def mistral_rules(config: MistralConfig, make_vocab_size_divisible_by: int = 1) 
     column-parallel (split dim 0): wq, wk, wv, w_gate, w_up -- rank t owns query heads
     `[t*H/tp, (t+1)*H/tp)`, kv heads `[t*KV/tp, (t+1)*KV/tp)` and ffn rows `[t*F/tp, (t+1)*F/tp)`;
     row-parallel (split dim 1): wo, w_down; vocab-parallel rows, padded to a multiple of
-    `make_vocab_size_divisible_by * tp`: embed, output; replicated: the norms.
+    `make_vocab_size_divisible_by * tp`: embed, output; replicated: the norms. The attention splits are
+    in whole heads (`head_dim`), so `shard` refuses a tp that does not divide the query or kv heads.
     """
     vocab = P("tp", None, unpadded=config.vocab_size, divisible_by=make_vocab_size_divisible_by)
+    hd = config.head_dim
     return [
         (r"embed", vocab),
         (r"layers/\d+/(attn|mlp)_norm", P(None)),
-        (r"layers/\d+/attn/(wq|wk|wv)", P("tp", None)),
-        (r"layers/\d+/attn/wo", P(None, "tp")),
+        (r"layers/\d+/attn/(wq|wk|wv)", P("tp", None, head_dim=hd)),
+        (r"layers/\d+/attn/wo", P(None, "tp", head_dim=hd)),
         (r"layers/\d+/mlp/(w_gate|w_up)", P("tp", None)),
         (r"layers/\d+/mlp/w_down", P(None, "tp")),
         (r"norm", P(None)),
