@@ -177,10 +177,13 @@ def test_global_grad_norm_counts_sharded_leaves_across_ranks_and_replicated_once
 class FakeDP:
     """A dp group of 2 whose other rank holds identical gradients: sum = 2x."""
 
-    size = 2
+    size, rank = 2, 0
 
     def all_reduce(self, x, op="sum"):
         return x * 2
+
+    def all_reduce_(self, x, async_op=False):
+        x.mul_(2)
 
 
 def test_dp_all_reduce_averages_over_ranks():
