@@ -25,7 +25,8 @@ _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
 class _Group:
-    """The ranks of `group`; this process is `rank` of `size`."""
+    """The ranks of `group` (this process is `rank` of `size`) and the collectives outside autograd: reductions
+    of values and of flat gradient buckets (`parallel.DataParallel`)."""
 
     def __init__(self, group: dist.ProcessGroup):
         self.group = group
@@ -36,6 +37,21 @@ class _Group:
         """A reduced copy of `x` (`op` in sum/max); `x` itself is left unchanged. No autograd."""
         out = x.detach().clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, op=_OPS[op], group=self.group)
+        return out
+
+    def all_reduce_(self, x: torch.Tensor, async_op: bool = False):
+        """Sum flat `x` over the group in place (a gradient bucket); the work handle with `async_op`."""
+        return dist.all_reduce(x, group=self.group, async_op=async_op)
+
+    def reduce_scatter(self, x: torch.Tensor, async_op: bool = False):
+        """`(block, work)`: this rank's block of the sum of flat `x` over the group."""
+        out = x.new_empty(x.numel() // self.size)
+        return out, dist.reduce_scatter_single(out, x, group=self.group, async_op=async_op)
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Flat `x` of every rank, concatenated in rank order."""
+        out = x.new_empty(self.size * x.numel())
+        dist.all_gather_single(out, x.contiguous(), group=self.group)
         return out
 
     def __repr__(self):
@@ -51,13 +67,17 @@ class GroupTP(_Group):
         self.sequence_parallel = sequence_parallel
 
     def copy_to(self, x: torch.Tensor) -> torch.Tensor:
-        return _Gather.apply(x, self) if self.sequence_parallel else _CopyTo.apply(x, self)
+        if self.sequence_parallel:
+            return _Conjugate.apply(x, self.gather_sequence, self.scatter_sequence)
+        return _Conjugate.apply(x, _same, self.all_reduce)
 
     def reduce_from(self, x: torch.Tensor) -> torch.Tensor:
-        return _Scatter.apply(x, self) if self.sequence_parallel else _ReduceFrom.apply(x, self)
+        if self.sequence_parallel:
+            return _Conjugate.apply(x, self.scatter_sequence, self.gather_sequence)
+        return _Conjugate.apply(x, self.all_reduce, _same)
 
     def replicated(self, w: torch.Tensor) -> torch.Tensor:
-        return _CopyTo.apply(w, self) if self.sequence_parallel else w
+        return _Conjugate.apply(w, _same, self.all_reduce) if self.sequence_parallel else w
 
     def gather_sequence(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, n, ...]` from every rank -> `[B, size * n, ...]`, rank r's slice at `[r*n, (r+1)*n)`. No autograd."""
@@ -78,72 +98,24 @@ class GroupTP(_Group):
 
 
 class GroupDP(_Group):
-    """Data parallelism over the ranks of `group`: gradient-bucket collectives (see `DataParallel`)."""
-
-    def all_reduce_(self, x: torch.Tensor, async_op: bool = False):
-        return dist.all_reduce(x, group=self.group, async_op=async_op)
-
-    def reduce_scatter(self, x: torch.Tensor, async_op: bool = False):
-        out = x.new_empty(x.numel() // self.size)
-        return out, dist.reduce_scatter_single(out, x, group=self.group, async_op=async_op)
-
-    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.new_empty(self.size * x.numel())
-        dist.all_gather_single(out, x.contiguous(), group=self.group)
-        return out
+    """Data parallelism over the ranks of `group`: the `DataParallel` the train step takes."""
 
 
-class _CopyTo(torch.autograd.Function):
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x.view_as(x)
+
+
+class _Conjugate(torch.autograd.Function):
+    """`forward(x)` in the forward pass and `backward(grad)` in the backward pass: one of the pairs above."""
+
     @staticmethod
-    def forward(x, tp):
-        return x.view_as(x)
+    def forward(x, forward, backward):
+        return forward(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.tp = inputs[1]
+        ctx.backward_fn = inputs[2]
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.tp.all_reduce(grad), None
-
-
-class _ReduceFrom(torch.autograd.Function):
-    @staticmethod
-    def forward(x, tp):
-        return tp.all_reduce(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(x, tp):
-        return tp.gather_sequence(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.tp = inputs[1]
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.tp.scatter_sequence(grad), None
-
-
-class _Scatter(torch.autograd.Function):
-    @staticmethod
-    def forward(x, tp):
-        return tp.scatter_sequence(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.tp = inputs[1]
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.tp.gather_sequence(grad), None
+        return ctx.backward_fn(grad), None, None
