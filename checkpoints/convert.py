@@ -1,32 +1,44 @@
-"""HF ⇄ Megatron conversion: a loader gives `(config, lazy params)`, a saver writes them.
+"""Checkpoint conversion: a loader gives `(config, lazy params)`, a saver writes them.
 
-Loaders read tensors only when a saver asks (one layer at a time), so memory stays far below the
-checkpoint size. Megatron → HF into an existing HF model directory writes its `mg2hg/` subfolder,
-taking the config (and tokenizer files) from that directory, as ModelLink's `save_huggingface_llama` does.
+Inputs are HF, Megatron (ModelLink legacy, any TP x PP) and native training checkpoints (their model);
+outputs are HF and Megatron. Loaders read tensors only when a saver asks (one layer at a time), so
+memory stays far below the checkpoint size. An HF output into an existing HF model directory writes
+its `mg2hg/` subfolder, as ModelLink's `save_huggingface_llama` does: that directory (the original
+model) supplies the config, the dtype and the companion files (tokenizer, generation config, ...).
+
+Writes never delete what they read: an output that equals, contains or lies inside an input is
+refused, with or without `overwrite`; only `mg2hg/` inside the reference HF directory is allowed,
+since only that directory's top-level files are read. `overwrite` replaces an existing checkpoint of
+the output's format (or an empty directory), never other files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from checkpoints.hf import TOKENIZER_FILES, lazy_hf, save_hf
+from checkpoints.auto import detect_format, open_checkpoint
+from checkpoints.hf import save_hf
 from checkpoints.lazy import LazyTensor, tree_stats
-from checkpoints.megatron import CONVERTER_ITERATION, check_parallel, read_megatron, save_megatron
+from checkpoints.megatron import CONVERTER_ITERATION, check_parallel, save_megatron
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import CheckpointError, ConfigError
 from mistral_fn.params import leaves_with_paths, map_with_path
 
-FORMATS = ("hf", "megatron")
+LOADERS = ("hf", "megatron", "native")
+SAVERS = ("hf", "megatron")
 MG2HG = "mg2hg"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # HF output shard size: `save_hf` holds one shard in memory (twice, while safetensors serialises it),
 # so 1 GB shards keep HF writing near the one-layer bound (a Mistral-7B layer is 0.44 GB in bf16).
 HF_SHARD_BYTES = 10**9
+# Architecture fields a reference HF config must share with a native input.
+_MODEL_FIELDS = ("n_layers", "dim", "ffn_dim", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "rope_theta")
+_HF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,55 +53,106 @@ class Summary:
                 f"in {self.seconds:.1f} s ({self.bytes / 1e9 / max(self.seconds, 1e-9):.2f} GB/s)")
 
 
-def convert(loader: str, saver: str, load_dir, save_dir, *, tp: int = 1, pp: int = 1,
+def convert(loader: str | None, saver: str, load_dir, save_dir, *, tp: int = 1, pp: int = 1,
             dtype: torch.dtype | None = None, make_vocab_size_divisible_by: int = 1, hf_config=None,
-            tokenizer=None, overwrite: bool = False,
+            rotary_base: float | None = None, tokenizer=None, overwrite: bool = False,
             progress: Callable[[int], Callable[[], None]] | None = None) -> Summary:
-    """Convert `load_dir` (format `loader`) to `save_dir` (format `saver`); `dtype` None keeps the stored dtype.
+    """Convert `load_dir` to `save_dir` in format `saver` ("hf" or "megatron").
 
-    `hf_config` is an HF `config.json` or model directory: it supplies what Megatron args lack
-    (`rotary_base`) and is checked against them. `tokenizer` (a directory or `tokenizer.model`) is
-    copied into HF output. `progress(total_layers)` returns a callback ticked once per layer written.
+    `loader` names the input format ("hf", "megatron", "native"), or None to detect it; "megatron"
+    also reads a native training checkpoint (a trained `ckpt/` of this project). `dtype` None keeps
+    the stored dtype, except into `mg2hg/`, which takes the reference's `torch_dtype`; float16 output
+    refuses weights beyond its range. `hf_config` (an HF `config.json` or model directory) describes a
+    Megatron or native input: it is checked against it, supplies the output config and the rope base
+    ModelLink does not store (`rotary_base` takes precedence for that). `tokenizer` (a directory or
+    `tokenizer.model`) is copied into HF output. Megatron output keeps the input's iteration (1 from
+    HF). `progress(total_layers)` returns a callback ticked once per layer written.
     """
-    for name, fmt in (("loader", loader), ("saver", saver)):
-        if fmt not in FORMATS:
-            raise ConfigError(f"--{name}={fmt!r}: expected one of {', '.join(FORMATS)}")
-    if hf_config is not None and loader != "megatron":
-        raise ConfigError("--hf_config describes a Megatron input; an HF input has its own config.json")
+    if saver not in SAVERS:
+        raise ConfigError(f"--saver={saver!r}: expected one of {', '.join(SAVERS)}")
+    if loader is not None and loader not in LOADERS:
+        raise ConfigError(f"--loader={loader!r}: expected one of {', '.join(LOADERS)}")
     start = time.perf_counter()
-    out_dir = Path(save_dir)
+    load_dir, out_dir = Path(load_dir), Path(save_dir)
+    fmt = detect_format(load_dir)
+    if loader not in (None, fmt) and (loader, fmt) != ("megatron", "native"):
+        raise CheckpointError(f"{load_dir}: is a {fmt} checkpoint, not {loader} (--loader)")
+    if hf_config is not None and fmt == "hf":
+        raise ConfigError("--hf_config describes a Megatron or native input; an HF input has its own config.json")
     reference = Path(hf_config) if hf_config is not None else None
-    if loader == "megatron" and saver == "hf" and (out_dir / "config.json").is_file():
+    if saver == "hf" and fmt != "hf" and (out_dir / "config.json").is_file():
         reference, out_dir = reference or out_dir, out_dir / MG2HG
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{out_dir}: already exists; pass --overwrite to replace it")
-    hf = MistralConfig.from_hf(reference) if reference is not None else None
-    if loader == "hf":
-        (config, params), iteration = lazy_hf(load_dir), CONVERTER_ITERATION
-    else:
-        config, source, params = read_megatron(load_dir, hf)
-        iteration = source.iteration
+    reference_dir = None if reference is None else reference if reference.is_dir() else reference.parent
+    check_output(out_dir, saver, [load_dir, tokenizer], reference_dir, overwrite)
+
+    source = open_checkpoint(load_dir, fmt, rotary_base=rotary_base, hf_dir=reference)
+    config, params = source.config, source.params
+    if fmt == "native" and reference is not None:
+        config = _agreeing_reference(config, reference, load_dir)
     if saver == "megatron":
         check_parallel(config, tp, pp, make_vocab_size_divisible_by)
         tick = progress(tp * config.n_layers) if progress else None
         count, nbytes = save_megatron(out_dir, config, params, tp=tp, pp=pp, dtype=dtype,
                                       make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                                      iteration=iteration, overwrite=overwrite, on_layer=tick)
+                                      iteration=CONVERTER_ITERATION if fmt == "hf" else source.iteration,
+                                      overwrite=overwrite, on_layer=tick)
     else:
+        dtype = dtype or (_stored_dtype(reference) if reference is not None else None)
         tick = progress(config.n_layers) if progress else None
         save_hf(out_dir, config, _ticking(params, tick) if tick else params, dtype=dtype,
-                max_shard_bytes=HF_SHARD_BYTES, tokenizer=tokenizer or _tokenizer_source(reference),
-                overwrite=overwrite)
+                max_shard_bytes=HF_SHARD_BYTES, tokenizer=tokenizer,
+                companions=load_dir if fmt == "hf" else reference_dir, overwrite=overwrite)
         count, nbytes = tree_stats(params, dtype)
     return Summary(out_dir, count, nbytes, time.perf_counter() - start)
 
 
-def _tokenizer_source(reference: Path | None) -> Path | None:
-    """The reference HF directory when it holds tokenizer files (ModelLink's mg2hg copies none)."""
-    if reference is None:
+def check_output(out_dir: Path, saver: str, inputs, reference_dir: Path | None, overwrite: bool) -> None:
+    """Raise unless writing `out_dir` leaves every input intact and replaces nothing but a checkpoint.
+
+    `inputs` (paths, None skipped) are read whole: the output may not equal, contain or lie inside
+    one. `reference_dir` is read at its top level only: the output may lie inside it, nothing more.
+    """
+    out = out_dir.resolve()
+    read = [(Path(p), True) for p in inputs if p is not None]
+    read += [(reference_dir, False)] if reference_dir is not None else []
+    for given, whole in read:
+        src = given.resolve()
+        relation = ("is" if out == src else "contains" if out in src.parents
+                    else "lies inside" if whole and src in out.parents else None)
+        if relation:
+            raise CheckpointError(f"{out_dir}: the output {relation} the input {given}; writing it would delete "
+                                  "what is being read (choose another save directory)")
+    if not out_dir.exists():
+        return
+    if not overwrite:
+        raise CheckpointError(f"{out_dir}: already exists; pass --overwrite to replace it")
+    if not out_dir.is_dir() or (any(out_dir.iterdir()) and _format_or_none(out_dir) != saver):
+        raise CheckpointError(f"{out_dir}: is not {'an HF' if saver == 'hf' else 'a Megatron'} checkpoint; "
+                              "--overwrite replaces only a checkpoint of the output format")
+
+
+def _format_or_none(path: Path) -> str | None:
+    try:
+        return detect_format(path)
+    except CheckpointError:
         return None
-    folder = reference if reference.is_dir() else reference.parent
-    return folder if any((folder / name).is_file() for name in TOKENIZER_FILES) else None
+
+
+def _agreeing_reference(config: MistralConfig, reference: Path, source: Path) -> MistralConfig:
+    """The reference HF config, after checking it describes the same model as `config`."""
+    ref = MistralConfig.from_hf(reference)
+    for field in _MODEL_FIELDS:
+        if getattr(ref, field) != getattr(config, field):
+            raise CheckpointError(f"{source}: {field}={getattr(config, field)!r} does not match the HF config's "
+                                  f"{field}={getattr(ref, field)!r} ({reference})")
+    return ref
+
+
+def _stored_dtype(reference: Path) -> torch.dtype | None:
+    """The `torch_dtype` (transformers 5: `dtype`) a reference HF config records, if one we write."""
+    file = reference / "config.json" if reference.is_dir() else reference
+    hf = json.loads(file.read_text(encoding="utf-8"))  # already parsed by `MistralConfig.from_hf`
+    return _HF_DTYPES.get(hf.get("dtype") or hf.get("torch_dtype"))
 
 
 def _ticking(params, tick: Callable[[], None]):

@@ -1,8 +1,10 @@
 """HuggingFace Mistral checkpoints (`config.json` + safetensors, single or sharded with an index)
 to and from the parameter pytree, by name mapping alone (transformers is never imported).
 
-Loading streams one tensor at a time from `safe_open`; saving writes bounded shards, the index,
-`config.json` and `generation_config.json` into a temporary directory renamed when complete.
+Loading streams one tensor at a time from `safe_open`; the index may name only files inside the
+directory. Saving writes bounded shards, the index, `config.json` and `generation_config.json` into a
+temporary directory renamed when complete, plus the companion files of a source directory
+(tokenizer files, generation config, chat templates: everything but weights and `config.json`).
 """
 
 from __future__ import annotations
@@ -10,23 +12,25 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from checkpoints.dtypes import cast_leaf
+from checkpoints.lazy import LazyTensor, materialize, open_safetensors, read_tensor
 from mistral_fn.atomic import atomic_dir
-from checkpoints.lazy import LazyTensor
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import CheckpointError
-from mistral_fn.params import leaves_with_paths, map_with_path, param_shapes, tree_map
+from mistral_fn.params import leaves_with_paths, map_with_path, param_shapes
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' "5GB"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffers some old exports carry
+# Files of an HF directory that hold weights (or their index): never copied as companion files.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz", ".index.json")
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 # Per-layer leaves in transformers' state_dict order (self_attn, mlp, then the two norms).
@@ -62,6 +66,10 @@ def weight_map(hf_dir: str | os.PathLike) -> dict[str, Path]:
             entries = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        for name, fname in entries.items():
+            if not _is_local(fname):
+                raise CheckpointError(f"{index}: {name} points outside the checkpoint directory ({fname!r}); "
+                                      "index entries must be file names inside it")
         files = {name: hf_dir / fname for name, fname in entries.items()}
         for f in sorted(set(files.values())):
             if not f.exists():
@@ -69,18 +77,19 @@ def weight_map(hf_dir: str | os.PathLike) -> dict[str, Path]:
         return files
     single = hf_dir / SINGLE_FILE
     if single.exists():
-        with _open(single) as f:
+        with open_safetensors(single) as f:
             return {name: single for name in f.keys()}
     if not hf_dir.is_dir():
         raise CheckpointError(f"{hf_dir}: no such HF model directory")
     raise CheckpointError(f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)")
 
 
-def _open(path: Path):
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+def _is_local(fname) -> bool:
+    """True for a relative path without `..` (symlinked files, as in the hub cache, stay allowed)."""
+    if not isinstance(fname, str) or not fname:
+        return False
+    path = PurePosixPath(fname)
+    return not path.is_absolute() and ".." not in path.parts
 
 
 def lazy_hf(hf_dir: str | os.PathLike) -> tuple[MistralConfig, dict]:
@@ -110,24 +119,15 @@ def lazy_hf(hf_dir: str | os.PathLike) -> tuple[MistralConfig, dict]:
             raise CheckpointError(f"{file}: tensor {name} has shape {list(stored)}, expected {list(shape)}")
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {dtype}")
-        return LazyTensor(shape, SAFETENSORS_DTYPES[dtype], lambda: _read(file, name))
+        return LazyTensor(shape, SAFETENSORS_DTYPES[dtype], lambda: read_tensor(file, name))
 
     return config, map_with_path(leaf, param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
 
 
 def _header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """`{name: (shape, safetensors dtype)}` of a file, from its header only."""
-    with _open(file) as f:
+    with open_safetensors(file) as f:
         return {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
-
-
-def _read(file: Path, name: str) -> torch.Tensor:
-    """One tensor, copied out of the file; the mapping is closed again so no file pages stay mapped."""
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            return f.get_tensor(name)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from None
 
 
 def load_hf(hf_dir: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu"):
@@ -137,7 +137,7 @@ def load_hf(hf_dir: str | os.PathLike, dtype: torch.dtype | None = None, device=
     converted to `dtype` (default: as stored) and moved to `device` one at a time.
     """
     config, lazy = lazy_hf(hf_dir)
-    return config, tree_map(lambda x: x.load().to(device=device, dtype=dtype or x.dtype), lazy)
+    return config, materialize(lazy, dtype, device)
 
 
 def save_hf(
@@ -148,12 +148,15 @@ def save_hf(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     tokenizer: str | os.PathLike | None = None,
+    companions: str | os.PathLike | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write an HF directory loadable by `MistralForCausalLM.from_pretrained`, atomically.
 
     Shards fill greedily in module order up to `max_shard_bytes`; one shard is `model.safetensors`
-    (no index). `tokenizer` is a directory whose tokenizer files are copied, or a `tokenizer.model`.
+    (no index). A float16 `dtype` refuses weights beyond its range. `companions` is an HF directory
+    whose `companion_files` are copied (its generation config replaces ours); `tokenizer` is a
+    directory whose tokenizer files are copied, or a `tokenizer.model`.
     """
     names = hf_names(config)
     leaves = dict(leaves_with_paths(params))
@@ -174,7 +177,7 @@ def save_hf(
         weight_index, total = {}, 0
         for i, shard in enumerate(shards):
             fname = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {names[p]: leaves[p].detach().to(device="cpu", dtype=dtype or leaves[p].dtype).contiguous() for p in shard}
+            tensors = {names[p]: cast_leaf(names[p], leaves[p].detach().cpu(), dtype).contiguous() for p in shard}
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             weight_index.update({name: fname for name in tensors})
@@ -184,9 +187,21 @@ def save_hf(
         stored = dtype or leaves["embed"].dtype
         _write_json(tmp / "config.json", config.to_hf(dtype=str(stored).removeprefix("torch.")))
         _write_json(tmp / "generation_config.json", {"bos_token_id": config.bos_id, "eos_token_id": config.eos_id})
+        for file in companion_files(companions) if companions is not None else ():
+            shutil.copyfile(file, tmp / file.name)
         if tokenizer is not None:
             copy_tokenizer_files(tokenizer, tmp)
     return out_dir
+
+
+def companion_files(hf_dir: str | os.PathLike) -> list[Path]:
+    """The top-level files of an HF directory that travel with its weights: everything except weight
+    files, their index, `config.json` (rewritten for the new weights) and hidden files."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"{hf_dir}: no such HF model directory")
+    return [p for p in sorted(hf_dir.iterdir()) if p.is_file() and p.name != "config.json"
+            and not p.name.startswith(".") and not p.name.endswith(WEIGHT_SUFFIXES)]
 
 
 def copy_tokenizer_files(source: str | os.PathLike, dest: str | os.PathLike) -> list[str]:

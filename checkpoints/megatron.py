@@ -1,6 +1,6 @@
 """Megatron-LM legacy checkpoints as ModelLink writes them for Mistral, to and from the parameter pytree.
 
-Layout (shared/megatron_formats.md sections 1-3)::
+Layout (Megatron-LM core_r0.6.0 `megatron/training/checkpointing.py`, ModelLink 1.0.RC2 `tools/checkpoint`)::
 
     <dir>/latest_checkpointed_iteration.txt        "1" (no newline), or "release"; written last
     <dir>/iter_0000001/mp_rank_TT[_PPP]/model_optim_rng.pt
@@ -14,6 +14,14 @@ A rank's tensors are our TP shards (`sharding.shard` with `sharding.mistral_rule
 `LAYER_KEYS` and fused per rank by `TRANSFORMS`: QKV grouped per query group `[ng/T, (r+2)*hd, D]`, and
 `dense_h_to_4h = [gate_t; up_t]`. Layer `j` of stage `p` is global layer `p*L/PP + j`. Writing reads
 one layer at a time per rank; reading returns a lazy tree that opens the rank files per tensor.
+
+The `args` carry what Megatron's `check_checkpoint_args` compares with the loading run (layers, hidden
+size, heads, `add_position_embedding=True`, max positions, vocab padding, tokenizer type, TP and PP
+sizes), so ModelLink's pretrain (without `--finetune`), inference and evaluation accept the files, plus
+`rotary_base` and a `mistral_fn_save_id` shared by every rank file of one save. Reading checks that
+every rank file belongs to the same checkpoint (iteration, args, save id, shapes) before any tensor
+is used. ModelLink stores no `rotary_base`: the rope base then comes from the caller (an explicit value,
+else an HF `config.json`), never from a default.
 """
 
 from __future__ import annotations
@@ -21,23 +29,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import uuid
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 import sharding
-from mistral_fn.atomic import atomic_dir
+from checkpoints.dtypes import cast_tree
 from checkpoints.lazy import LazyTensor, materialize
 from checkpoints.megatron_pickle import ModelType, load_pt, save_pt
+from mistral_fn.atomic import atomic_dir
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import CheckpointError, ConfigError
-from mistral_fn.params import cast, get_path, init_params, leaves_with_paths, map_with_path
+from mistral_fn.params import get_path, init_params, leaves_with_paths, map_with_path
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
 CONVERTER_ITERATION = 1  # ModelLink's HF loader: "'0', 'release' don't work"
+SAVE_ID = "mistral_fn_save_id"  # args field: one random id per save, in every rank file
+TOKENIZER_TYPE = "PretrainedFromHF"  # what ModelLink's Mistral scripts pass (`--tokenizer-type`)
 
 # ---- the two tables: names, and reversible per-rank transforms ----------------------------------
 
@@ -134,8 +146,10 @@ def read_tracker(ckpt_dir: Path) -> int | str:
 
 # ---- args ----------------------------------------------------------------------------------------
 
-def megatron_args(config: MistralConfig, tp: int, pp: int, dtype: torch.dtype, divisible_by: int) -> argparse.Namespace:
-    """The `args` a ModelLink run needs to load the files, plus `rotary_base` and `true_vocab_size` for the way back."""
+def megatron_args(config: MistralConfig, tp: int, pp: int, dtype: torch.dtype, divisible_by: int,
+                  consumed_train_samples: int = 0) -> argparse.Namespace:
+    """The `args` a ModelLink run needs to load the files (every field `check_checkpoint_args` compares),
+    plus `rotary_base` and `true_vocab_size` for the way back and a fresh `SAVE_ID`."""
     return argparse.Namespace(
         num_layers=config.n_layers,
         hidden_size=config.dim,
@@ -162,13 +176,14 @@ def megatron_args(config: MistralConfig, tp: int, pp: int, dtype: torch.dtype, d
         swiglu=True,
         normalization="RMSNorm",
         add_bias_linear=False,
-        add_position_embedding=False,
+        add_position_embedding=True,  # Megatron's default; ModelLink's converter writes it too (RoPE is separate)
         position_embedding_type="rope",
         use_rotary_position_embeddings=True,
-        tokenizer_type="Llama2Tokenizer",
+        tokenizer_type=TOKENIZER_TYPE,
         model_type=ModelType.encoder_or_decoder,
-        consumed_train_samples=0,
+        consumed_train_samples=consumed_train_samples,
         consumed_valid_samples=0,
+        **{SAVE_ID: uuid.uuid4().hex},
     )
 
 
@@ -178,19 +193,50 @@ _CHECKED_FIELDS = (("num_layers", "n_layers"), ("hidden_size", "dim"), ("ffn_hid
                  ("kv_channels", "head_dim"), ("true_vocab_size", "vocab_size"), ("rotary_base", "rope_theta"))
 _REQUIRED_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                   "tensor_model_parallel_size", "pipeline_model_parallel_size", "padded_vocab_size")
+# What every rank file of one checkpoint shares: top-level entries, then args fields (a run's args are
+# the same on every rank except rank-local ones such as `rank`, which are not compared).
+_SHARED_ENTRIES = ("iteration", "checkpoint_version", "num_floating_point_operations_so_far")
+_SHARED_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "kv_channels", "padded_vocab_size", "make_vocab_size_divisible_by", "true_vocab_size",
+                "rotary_base", "tensor_model_parallel_size", "pipeline_model_parallel_size", "params_dtype",
+                "consumed_train_samples", "consumed_valid_samples", SAVE_ID)
 
 
-def config_from_args(args, source: Path, hf: MistralConfig | None = None) -> MistralConfig:
-    """The model config of a checkpoint's `args`; with `hf` (an HF config), check they agree and use it.
+def hf_reference(hf) -> tuple[MistralConfig | None, str]:
+    """`(config, note)` of what a caller passed as the HF side of a Megatron checkpoint: a `MistralConfig`,
+    a `config.json`, an HF model directory, or a directory without `config.json` (e.g. a tokenizer-only
+    directory: no config, and a note for the error message), or None."""
+    if hf is None or isinstance(hf, MistralConfig):
+        return hf, ""
+    path = Path(hf)
+    if path.is_dir() and not (path / "config.json").is_file():
+        return None, f" ({path} has no config.json)"
+    return MistralConfig.from_hf(path), ""
 
-    `rotary_base` is not stored by ModelLink's converter: without it in the args, `hf` is required.
+
+def config_from_args(args, source: Path, hf=None, rotary_base: float | None = None) -> MistralConfig:
+    """The model config of a checkpoint's `args`.
+
+    `hf` (see `hf_reference`) is checked against the args and then supplies the config. The rope base
+    is the args' `rotary_base`; ModelLink stores none, and then it is `rotary_base` if given, else the HF
+    config's `rope_theta`, else a `CheckpointError` naming both ways to supply it. A `rotary_base` that
+    contradicts the stored one is an error.
     """
     if not isinstance(args, argparse.Namespace):
         raise CheckpointError(f"{source}: 'args' is {type(args).__name__}, expected an argparse.Namespace")
     missing = [name for name in _REQUIRED_ARGS if getattr(args, name, None) is None]
     if missing:
         raise CheckpointError(f"{source}: args lack {missing[0]!r}")
+    hf, note = hf_reference(hf)
     values = _args_values(args)
+    stored = values.get("rope_theta")
+    if rotary_base is not None and stored is not None and float(rotary_base) != stored:
+        raise CheckpointError(f"{source}: args rotary_base={stored!r} but the given rope base is {rotary_base!r}")
+    theta = stored if stored is not None else rotary_base if rotary_base is not None else getattr(hf, "rope_theta", None)
+    if theta is None:
+        raise CheckpointError(f"{source}: args have no rotary_base (ModelLink does not store it); pass the rope "
+                              f"base (--rotary-base) or an HF model directory / config.json to take rope_theta "
+                              f"from{note}")
     if hf is not None:
         for name, field in _CHECKED_FIELDS:
             if values.get(field) is not None and values[field] != getattr(hf, field):
@@ -199,10 +245,8 @@ def config_from_args(args, source: Path, hf: MistralConfig | None = None) -> Mis
         if hf.vocab_size > args.padded_vocab_size:
             raise CheckpointError(f"{source}: args padded_vocab_size={args.padded_vocab_size} is smaller than the "
                                   f"HF config's vocab_size={hf.vocab_size}")
-        return hf
-    if values.get("rope_theta") is None:
-        raise CheckpointError(f"{source}: args have no rotary_base (ModelLink does not store it); pass --hf_config "
-                              "with the HF config.json or model directory to take rope_theta from")
+        return hf.replace(rope_theta=float(theta))
+    values["rope_theta"] = float(theta)
     values.setdefault("vocab_size", args.padded_vocab_size)
     try:
         return MistralConfig(**values)
@@ -241,8 +285,7 @@ def rank_model(params, specs, config: MistralConfig, tp: int, pp: int, tp_rank: 
 
     def local(path: str):
         full = materialize(get_path(params, path))
-        piece = sharding.shard(full, get_path(specs, path), mesh, coords)
-        return piece if dtype is None else cast(piece, dtype)
+        return cast_tree(sharding.shard(full, get_path(specs, path), mesh, coords), dtype, path)
 
     encoder = {}
     for j, i in enumerate(stage_layers(config.n_layers, pp, pp_rank)):
@@ -285,21 +328,26 @@ def _location(path: str, config: MistralConfig, pp: int) -> tuple[int, tuple[str
 
 def save_megatron(out_dir: str | os.PathLike, config: MistralConfig, params, *, tp: int, pp: int,
                   dtype: torch.dtype | None = None, make_vocab_size_divisible_by: int = 1,
-                  iteration: int | str = CONVERTER_ITERATION, overwrite: bool = False,
-                  on_layer: Callable[[], None] | None = None) -> tuple[int, int]:
-    """Write `params` (tensors or lazy) as a ModelLink checkpoint; return (tensors, bytes).
+                  iteration: int | str = CONVERTER_ITERATION, consumed_train_samples: int = 0,
+                  overwrite: bool = False, on_layer: Callable[[], None] | None = None) -> tuple[int, int]:
+    """Write `params` (full tensors or lazy) as a ModelLink checkpoint; return (tensors, bytes).
 
-    `iteration` is 1 for a conversion from HF (as ModelLink writes); a re-shard keeps the source's
-    (an int, or "release": the `release/` directory, stored iteration 0).
+    `iteration` is the training iteration the files and tracker name (`iter_0000100`, tracker "100"):
+    1 for a conversion from HF (as ModelLink writes), a re-shard keeps the source's, and a training run
+    passes its step (with `consumed_train_samples`, which Megatron restores on resume). "release" writes
+    the `release/` directory with stored iteration 0. A float16 `dtype` refuses weights beyond its range.
 
     Ranks are written one at a time, each reading its stage's layers one by one, so memory holds one
-    rank's state plus one full layer. Atomic: nothing is left at `out_dir` unless every file is written.
-    `on_layer` is called once per (rank, layer).
+    rank's state plus one full layer. Atomic: the files are built in `.<name>.partial` (a leftover of a
+    killed save is swept by the next save to `out_dir`) and nothing is at `out_dir` unless every file
+    is written. `on_layer` is called once per (rank, layer).
     """
+    if iteration != "release" and (not isinstance(iteration, int) or isinstance(iteration, bool) or iteration <= 0):
+        raise CheckpointError(f"iteration={iteration!r}: Megatron needs an iteration > 0 or 'release'")
     check_parallel(config, tp, pp, make_vocab_size_divisible_by)
     specs = mesh_specs(config, make_vocab_size_divisible_by)
     dtype = dtype or get_path(params, "embed").dtype
-    args = megatron_args(config, tp, pp, dtype, make_vocab_size_divisible_by)
+    args = megatron_args(config, tp, pp, dtype, make_vocab_size_divisible_by, consumed_train_samples)
     count = nbytes = 0
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for p in range(pp):
@@ -339,23 +387,41 @@ class MegatronCheckpoint:
     def rank_file(self, tp_rank: int, pp_rank: int) -> Path:
         return self.path / iteration_dirname(self.iteration) / rank_dirname(tp_rank, pp_rank, self.pp) / RANK_FILE
 
+    @property
+    def step(self) -> int:
+        """The iteration a run resumes from, as Megatron's `load_checkpoint` sets it (0 for "release";
+        `--finetune` also starts at 0)."""
+        return 0 if self.iteration == "release" else self.iteration
 
-def read_megatron(ckpt_dir: str | os.PathLike, hf: MistralConfig | None = None):
+    @property
+    def consumed_train_samples(self) -> int:
+        """Training samples consumed before the save (Megatron restores it unless `--finetune`)."""
+        return int(getattr(self.args, "consumed_train_samples", 0) or 0)
+
+
+def read_megatron(ckpt_dir: str | os.PathLike, hf=None, *, rotary_base: float | None = None):
     """`(config, checkpoint, lazy params)` of a Megatron checkpoint directory.
 
-    Checked here: the tracker, the args, every rank file's presence, and the keys and shapes of each
-    stage's first rank. Each leaf, when loaded, reads its pieces (memory-mapped) from the `tp` files of
-    its stage, splits fused tensors and unshards. `hf` (an HF config) supplies and checks the config;
-    it is required when the args have no `rotary_base`.
+    Checked before any tensor is used: the tracker, rank 0's args, the presence of every rank file,
+    and that every rank file belongs to the same checkpoint as rank 0's (iteration, shared args, save
+    id) and holds the keys and shapes its rank must. Each leaf, when loaded, reads its pieces
+    (memory-mapped) from the `tp` files of its stage, splits fused tensors and unshards.
+
+    `hf` (a `MistralConfig`, a `config.json` or an HF model directory) supplies the config and is
+    checked against the args; `rotary_base` supplies the rope base when the args have none (see
+    `config_from_args`).
     """
     ckpt_dir = Path(ckpt_dir)
     iteration = read_tracker(ckpt_dir)
     first = ckpt_dir / iteration_dirname(iteration) / rank_dirname(0, 0, 1) / RANK_FILE
     if not first.exists():  # pipeline-parallel naming, mp_rank_00_000
         first = ckpt_dir / iteration_dirname(iteration) / rank_dirname(0, 0, pp=2) / RANK_FILE
-    args = _load_dict(first).get("args")
-    config = config_from_args(args, first, hf)
+    state0 = _load_dict(first)
+    args = state0.get("args")
+    config = config_from_args(args, first, hf, rotary_base)
     ckpt = MegatronCheckpoint(ckpt_dir, iteration, args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args)
+    if iteration != "release" and state0.get("iteration") != iteration:
+        raise CheckpointError(f"{first}: stores iteration {state0.get('iteration')!r} but {TRACKER} names {iteration}")
     divisible_by = getattr(args, "make_vocab_size_divisible_by", 1)
     try:
         check_parallel(config, ckpt.tp, ckpt.pp, divisible_by)
@@ -369,16 +435,21 @@ def read_megatron(ckpt_dir: str | os.PathLike, hf: MistralConfig | None = None):
     meta = init_params(config, device="meta")
     rank_shapes, dtypes = {}, {}
     for p in range(ckpt.pp):
-        stored = _load_dict(ckpt.rank_file(0, p)).get("model")
-        for path, want in leaves_with_paths(rank_model(meta, specs, config, ckpt.tp, ckpt.pp, 0, p)):
-            keys = tuple(path.split("/"))
-            got = _lookup(stored, keys, ckpt.rank_file(0, p))
-            if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-                shape = list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-                raise CheckpointError(f"{ckpt.rank_file(0, p)}: model/{path} has shape {shape}, expected "
-                                      f"{list(want.shape)} for tp={ckpt.tp}, pp={ckpt.pp}")
-            rank_shapes[keys], dtypes[keys] = want.shape, got.dtype
-        del stored
+        expected = leaves_with_paths(rank_model(meta, specs, config, ckpt.tp, ckpt.pp, 0, p))
+        for t in range(ckpt.tp):
+            file = ckpt.rank_file(t, p)
+            state = state0 if file == first else _load_dict(file)
+            _check_same_checkpoint(state, file, state0, first)
+            for path, want in expected:
+                keys = tuple(path.split("/"))
+                got = _lookup(state.get("model"), keys, file)
+                if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != dtypes.get(keys, got.dtype):
+                    found = f"{got.dtype} {list(got.shape)}" if isinstance(got, torch.Tensor) else type(got).__name__
+                    wanted = f"{dtypes[keys]} " if keys in dtypes else ""
+                    raise CheckpointError(f"{file}: model/{path} is {found}, expected {wanted}{list(want.shape)} "
+                                          f"for tp={ckpt.tp}, pp={ckpt.pp} (as in {ckpt.rank_file(0, p)})")
+                rank_shapes[keys], dtypes[keys] = want.shape, got.dtype
+            del state
 
     def leaf(path: str, spec) -> LazyTensor:
         keys = _location(path, config, ckpt.pp)[1]
@@ -386,6 +457,34 @@ def read_megatron(ckpt_dir: str | os.PathLike, hf: MistralConfig | None = None):
                           lambda: _read_leaf(ckpt, config, path, spec, rank_shapes[keys]))
 
     return config, ckpt, map_with_path(leaf, specs)
+
+
+def lazy_megatron(ckpt_dir: str | os.PathLike, hf=None, *, rotary_base: float | None = None) -> tuple[MistralConfig, dict]:
+    """`(config, lazy params)` of a Megatron checkpoint (the `lazy_hf` of this format; see `read_megatron`)."""
+    config, _, lazy = read_megatron(ckpt_dir, hf, rotary_base=rotary_base)
+    return config, lazy
+
+
+def load_megatron(ckpt_dir: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu", *, hf=None,
+                  rotary_base: float | None = None) -> tuple[MistralConfig, dict]:
+    """`(config, full params)` of a Megatron checkpoint, read and cast to `dtype` (None: as stored) one
+    leaf at a time (the `load_hf` of this format)."""
+    config, lazy = lazy_megatron(ckpt_dir, hf, rotary_base=rotary_base)
+    return config, materialize(lazy, dtype, device)
+
+
+def _check_same_checkpoint(state: dict, file: Path, state0: dict, first: Path) -> None:
+    """Raise unless rank file `file` belongs to the same save as rank 0's `first`."""
+    args, args0 = state.get("args"), state0.get("args")
+    if not isinstance(args, argparse.Namespace):
+        raise CheckpointError(f"{file}: 'args' is {type(args).__name__}, expected an argparse.Namespace")
+    differ = [(key, state.get(key), state0.get(key)) for key in _SHARED_ENTRIES if state.get(key) != state0.get(key)]
+    differ += [(f"args {name}", getattr(args, name, None), getattr(args0, name, None)) for name in _SHARED_ARGS
+               if getattr(args, name, None) != getattr(args0, name, None)]
+    if differ:
+        name, value, value0 = differ[0]
+        raise CheckpointError(f"{file}: {name}={value!r} but rank 0 ({first}) has {value0!r}; "
+                              "the rank files come from different checkpoints")
 
 
 def _read_leaf(ckpt: MegatronCheckpoint, config: MistralConfig, path: str, spec, rank_shape) -> torch.Tensor:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
 
-from checkpoints import atomic_file
+from experiments import cli, megatron_flags
 from experiments.cli import main_guard
-from experiments.loading import load_model_and_tokenizer, parse_dtype
+from experiments.loading import load_for_inference
+from mistral_fn.atomic import atomic_file, check_file_target
 from mistral_fn.errors import InputError
 from mistral_fn.evaluation import mmlu
 from mistral_fn.generate import next_token_logits
@@ -25,13 +26,14 @@ _PROTOCOL = flags.DEFINE_string("protocol", "modellink", "modellink (the seed's:
 _SHOTS = flags.DEFINE_integer("num_fewshot", 5, "few-shot examples from the dev split")
 _CHAT = flags.DEFINE_string("chat_template", "mistral", "modellink protocol: template wrapping the prompt "
                             "('none': BOS + raw text, as ModelLink without a chat template)")
-_LOAD = flags.DEFINE_string("load", "", "checkpoint directory (HF safetensors)")
-_TOKENIZER = flags.DEFINE_string("tokenizer_model", "", "tokenizer.model file or directory (default: the "
-                                 "checkpoint's, else Mistral's v1 model)")
 _RESULTS = flags.DEFINE_string("results_path", "", "JSON file for accuracies and predictions (empty: don't write)")
-_BATCH = flags.DEFINE_integer("batch_size", 1, "prompts per forward")
-_DTYPE = flags.DEFINE_string("dtype", "", "compute dtype: float32, bfloat16, float16 (default: as stored)")
-_DEVICE = flags.DEFINE_string("device", "", "cpu, cuda or npu (default: the best available)")
+_BATCH = flags.DEFINE_integer("batch_size", 1, "prompts per forward (ModelLink's --evaluation-batch-size)")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 1, "generated tokens per question: the seed's MMLU protocol "
+                                "reads one (greedy over the whole vocabulary); only 1 is supported")
+flags.DEFINE_alias("task_data_path", "data_path")
+flags.DEFINE_alias("evaluation_batch_size", "batch_size")
+_DTYPE = flags.DEFINE_string("dtype", "", "compute dtype: float32, bfloat16, float16 (default: --bf16/--fp16, "
+                              "else as stored)")
 
 
 @main_guard
@@ -41,11 +43,15 @@ def main(argv):
         raise InputError(f"--task={_TASK.value!r}: only 'mmlu' is supported")
     if _PROTOCOL.value not in mmlu.PROTOCOLS:
         raise InputError(f"--protocol={_PROTOCOL.value!r}: expected one of {', '.join(mmlu.PROTOCOLS)}")
+    if _MAX_NEW.value != 1:
+        raise InputError(f"--max_new_tokens={_MAX_NEW.value}: the MMLU protocols score one next token; pass 1")
     if _SHOTS.value < 0:
         raise InputError(f"--num_fewshot must be >= 0, got {_SHOTS.value}")
+    if _RESULTS.value:
+        check_file_target(_RESULTS.value)  # before the evaluation, not after it
     test, dev = mmlu.load_mmlu(_DATA.value, _SHOTS.value)
-    config, params, tokenizer, mesh = load_model_and_tokenizer(_LOAD.value, _TOKENIZER.value,
-                                                               parse_dtype(_DTYPE.value), _DEVICE.value or None)
+    config, params, tokenizer, mesh = load_for_inference(megatron_flags.inference_args(_DTYPE.value))
+    megatron_flags.report_kernels(mesh)
     results = mmlu.evaluate(
         lambda prompts: next_token_logits(params, prompts, config, tp=mesh.tp), tokenizer, test, dev,
         protocol=_PROTOCOL.value, max_len=config.max_seq_len,
@@ -67,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

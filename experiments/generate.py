@@ -13,27 +13,27 @@ import sys
 import time
 
 import torch.distributed as dist
-from absl import app, flags
+from absl import flags
 
+from experiments import cli, megatron_flags
 from experiments.cli import main_guard
-from experiments.loading import load_model_and_tokenizer, parse_dtype
+from experiments.loading import load_for_inference
 from mistral_fn.generate import generate_stream, stream_text
 from mistral_fn.tokenizer import TEMPLATES, encode_conversation, get_template
 
-_LOAD = flags.DEFINE_string("load", "", "checkpoint directory (HF safetensors)")
-_TOKENIZER = flags.DEFINE_string("tokenizer_model", "", "tokenizer.model file or directory (default: the "
-                                 "checkpoint's, else Mistral's v1 model)")
-_PROMPT_TYPE = flags.DEFINE_string("prompt_type", "mixtral", f"chat template: {', '.join(TEMPLATES)}")
+_PROMPT_TYPE = flags.DEFINE_string("prompt_type", "mixtral", f"chat template: {', '.join(TEMPLATES)} "
+                                   "(ModelLink's --inference-prompt-type; its default 'llama' is 'plain')")
+flags.DEFINE_alias("inference_prompt_type", "prompt_type")
+MODELLINK_PROMPT_TYPES = {"llama": "plain"}  # ModelLink's name for "no template"
 _PROMPT = flags.DEFINE_string("prompt", "", "a single prompt; empty: interactive chat (exit with Ctrl-D)")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate per answer at most")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "sampling temperature; 0 = greedy")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "keep the k most likely tokens (0 = off)")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)")
 _REPETITION = flags.DEFINE_float("repetition_penalty", 1.0, "CTRL repetition penalty (1 = off)")
-_SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _STOP = flags.DEFINE_multi_string("stop", [], "stop string (repeatable); EOS always stops")
-_DTYPE = flags.DEFINE_string("dtype", "", "compute dtype: float32, bfloat16, float16 (default: as stored)")
-_DEVICE = flags.DEFINE_string("device", "", "cpu, cuda or npu (default: the best available)")
+_DTYPE = flags.DEFINE_string("dtype", "", "compute dtype: float32, bfloat16, float16 (default: --bf16/--fp16, "
+                              "else as stored)")
 _COMPILE = flags.DEFINE_bool("compile", False, "torch.compile the decode step (slow first answer, faster decode)")
 
 
@@ -42,7 +42,7 @@ def answer(params, config, tokenizer, ids: list[int], mesh) -> tuple[str, int, l
     step's end."""
     stream = generate_stream(
         params, [ids], config, max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
-        top_k=_TOP_K.value or None, top_p=_TOP_P.value, repetition_penalty=_REPETITION.value, seed=_SEED.value,
+        top_k=_TOP_K.value or None, top_p=_TOP_P.value, repetition_penalty=_REPETITION.value, seed=flags.FLAGS.seed,
         stop_strings=_STOP.value, tokenizer=tokenizer, compile_decode=_COMPILE.value, tp=mesh.tp)
     times = [time.perf_counter()]
     tokens: list[int] = []
@@ -92,9 +92,9 @@ def report(n: int, times: list[float], mesh) -> None:
 @main_guard
 def main(argv):
     del argv
-    template = get_template(_PROMPT_TYPE.value)
-    config, params, tokenizer, mesh = load_model_and_tokenizer(_LOAD.value, _TOKENIZER.value,
-                                                               parse_dtype(_DTYPE.value), _DEVICE.value or None)
+    template = get_template(MODELLINK_PROMPT_TYPES.get(_PROMPT_TYPE.value, _PROMPT_TYPE.value))
+    config, params, tokenizer, mesh = load_for_inference(megatron_flags.inference_args(_DTYPE.value))
+    megatron_flags.report_kernels(mesh)
     try:
         converse(params, config, tokenizer, template, mesh)
     finally:
@@ -121,4 +121,4 @@ def converse(params, config, tokenizer, template, mesh) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from experiments.cli import main_guard
 from mistral_fn.atomic import atomic_file
 from mistral_fn.errors import InputError
@@ -79,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

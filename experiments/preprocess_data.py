@@ -7,7 +7,13 @@ Instruction data (writes `<prefix>_packed_{input_ids,attention_mask,labels}_docu
     ... --handler_name GeneralInstructionHandler --append_eod
 
 Rows are encoded by `--workers` processes in input order, so the output does not depend on the
-worker count. Outputs are written under temporary names and renamed only when every row is done.
+worker count. Outputs are written under `.<name>.partial` names (swept by the next run to the same
+prefix if a run is killed) and renamed only when every row is done; an input without a single
+document to write is an error and publishes nothing.
+
+ModelLink's flags are accepted in underscore spelling: `--tokenizer_type PretrainedFromHF` (the only
+type: a local HF directory's SentencePiece `tokenizer.model`) and `--tokenizer_not_use_fast`
+(SentencePiece is the slow tokenizer already).
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ import multiprocessing
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 from tqdm import tqdm
 
+from experiments import cli
 from experiments.cli import main_guard
 from mistral_fn.data.handlers import HANDLER_NAMES, encode_row, make_handler
 from mistral_fn.data.indexed import IndexedDatasetWriter
@@ -32,6 +39,10 @@ _INPUT = flags.DEFINE_string("input", None, "a parquet/jsonl/json file, a direct
 _TOKENIZER_MODEL = flags.DEFINE_string("tokenizer_model", None, "a SentencePiece tokenizer.model file")
 _TOKENIZER_DIR = flags.DEFINE_string("tokenizer_name_or_path", None,
                                      "a local HF model directory holding tokenizer.model (no hub downloads)")
+_TOKENIZER_TYPE = flags.DEFINE_string("tokenizer_type", None, "ModelLink's tokenizer type; only PretrainedFromHF "
+                                      "(with --tokenizer_name_or_path) is supported")
+_NOT_USE_FAST = flags.DEFINE_bool("tokenizer_not_use_fast", False,
+                                  "accepted for ModelLink command lines: SentencePiece is the slow tokenizer already")
 _OUTPUT_PREFIX = flags.DEFINE_string("output_prefix", None, "output path prefix")
 _HANDLER = flags.DEFINE_enum("handler_name", "GeneralPretrainHandler", HANDLER_NAMES, "ModelLink handler name")
 _JSON_KEYS = flags.DEFINE_list("json_keys", ["text"], "row fields to tokenize (pretraining handler)")
@@ -138,6 +149,10 @@ def run(cfg: PreprocessConfig) -> Summary:
             progress.update(len(results))
             progress.set_postfix_str(f"{summary.tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s",
                                      refresh=False)
+        if summary.documents == 0:
+            rows = (f"every row skipped ({summary.bad_rows} bad, {summary.too_long} too long)"
+                    if summary.bad_rows or summary.too_long else "no rows")
+            raise InputError(f"--input {cfg.input}: {rows}; no documents to write, nothing was published")
         for writer in writers.values():
             writer.finish()
         for writer in writers.values():
@@ -158,6 +173,14 @@ def config_from_flags() -> PreprocessConfig:
             raise InputError(f"--{flag.name} is required")
     if _TOKENIZER_MODEL.value and _TOKENIZER_DIR.value:
         raise InputError("pass either --tokenizer_model or --tokenizer_name_or_path, not both")
+    if _TOKENIZER_TYPE.value not in (None, "PretrainedFromHF"):
+        raise InputError(f"--tokenizer_type={_TOKENIZER_TYPE.value}: only PretrainedFromHF is supported (a local HF "
+                         "model directory's SentencePiece tokenizer.model, given by --tokenizer_name_or_path)")
+    if _TOKENIZER_TYPE.value and not _TOKENIZER_DIR.value:
+        raise InputError("--tokenizer_type=PretrainedFromHF needs --tokenizer_name_or_path, a local HF model directory")
+    if _NOT_USE_FAST.value:
+        logging.info("--tokenizer_not_use_fast: SentencePiece (tokenizer.model) is the slow tokenizer; "
+                     "it is the only one used")
     return PreprocessConfig(
         input=_INPUT.value, output_prefix=_OUTPUT_PREFIX.value,
         handler=make_handler(_HANDLER.value, tuple(_JSON_KEYS.value), _APPEND_EOD.value),
@@ -184,4 +207,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

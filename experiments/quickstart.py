@@ -27,10 +27,11 @@ import time
 from pathlib import Path
 
 import torch
-from absl import app, flags
+from absl import flags
 
 import checkpoints
 import mistral_fn as mf
+from experiments import cli
 from experiments.cli import main_guard
 from experiments.plot_metrics import plot_loss, read_metrics
 from mistral_fn.errors import MistralFnError
@@ -159,7 +160,9 @@ def main(argv):
                                                                   "--is_instruction_dataset", "--lr=1e-3"]),
     ):
         t = p.stage(f"{name}: TP={p.tp} over torchrun")
-        p.run(name, "experiments.pretrain", *train_flags, *extra, f"--load={load}", f"--train_iters={iters}",
+        # Pretraining resumes the converted checkpoint's iteration 1, as Megatron does; fine-tuning starts at 0.
+        end = iters + (1 if name == "pretrain" else 0)
+        p.run(name, "experiments.pretrain", *train_flags, *extra, f"--load={load}", f"--train_iters={end}",
               f"--save={workdir / name}", distributed=True)
         records, summary = _summary(workdir / name / "metrics.jsonl")
         stats[name] = records
@@ -203,4 +206,4 @@ def _same_params(dir_a: Path, dir_b: Path) -> bool:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

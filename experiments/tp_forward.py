@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 
 import torch
-from absl import app, flags
+from absl import flags
 
 import mistral_fn as mf
 import sharding as sh
+from experiments import cli
 from experiments.cli import main_guard
 from mistral_fn.vocab_parallel import vocab_parallel_argmax
 
@@ -72,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

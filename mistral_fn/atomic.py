@@ -27,6 +27,24 @@ from mistral_fn.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 
+def writable(path: str | os.PathLike) -> bool:
+    """Whether `path` can be created or written: its nearest existing ancestor is a writable directory."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def check_file_target(target: str | os.PathLike) -> None:
+    """Raise `CheckpointError` unless `atomic_file(target)` can write `target`: it is not a directory and
+    its nearest existing ancestor is a writable directory. Apps call it on output paths before long work."""
+    target = Path(target)
+    if target.is_dir():
+        raise CheckpointError(f"{target}: is a directory; expected a file path to write")
+    if not writable(target.parent):
+        raise CheckpointError(f"{target}: cannot be written (no writable directory to create it in)")
+
+
 def partial_path(target: str | os.PathLike) -> Path:
     """The temporary name of `target` while it is being written: `dir/.name.partial`."""
     target = Path(target)
@@ -69,24 +87,32 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False):
     tmp.mkdir()
     try:
         yield tmp
-        if target.exists():
-            old = _old_path(target)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        publish_dir(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_dir(target: str | os.PathLike) -> None:
+    """Rename the complete `dir/.name.partial` onto `target`; an existing `target` is moved to `dir/.name.old`
+    first and deleted once the new one is in place. For writers that fill the partial directory themselves
+    (e.g. several ranks, each writing its own files)."""
+    target = Path(target)
+    tmp = partial_path(target)
+    if target.exists():
+        old = _old_path(target)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
 
 
 @contextlib.contextmanager
 def atomic_file(target: str | os.PathLike, mode: str = "wb", **open_kwargs):
     """Yield a file object writing `dir/.name.partial`; on success it is synced and replaces `target`."""
     target = Path(target)
-    if target.is_dir():
-        raise CheckpointError(f"{target}: is a directory; expected a file path to write")
+    check_file_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep(target)
     tmp = partial_path(target)

@@ -88,54 +88,28 @@ class MistralConfig:
         """Read an HF Mistral config: a dict, a `config.json` path, or a model directory.
 
         Accepts `rope_theta` at the top level (hub checkpoints) or inside `rope_parameters`
-        (transformers 5). Rope scaling, tied embeddings and non-SiLU activations are rejected.
+        (transformers 5). Rope scaling, tied embeddings and non-SiLU activations are rejected. Any
+        problem (not JSON, not an object, a missing field, a value of the wrong type) is one
+        `ConfigError` naming the file and the HF field.
         """
-        source = "config dict"
-        if isinstance(path_or_dict, Mapping):
-            hf = dict(path_or_dict)
-        else:
-            path = os.fspath(path_or_dict)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            source = path
-            try:
-                with open(path, encoding="utf-8") as f:
-                    hf = json.load(f)
-            except FileNotFoundError:
-                raise ConfigError(f"{path}: no such HF config file") from None
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        model_type = hf.get("model_type")
-        if model_type != "mistral":
-            raise ConfigError(f"{source}: unsupported model_type {model_type!r}; expected 'mistral'")
-        rope = hf.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", "default")
-        if rope_type != "default" or hf.get("rope_scaling"):
-            raise ConfigError(f"{source}: rope scaling ({rope_type!r}, {hf.get('rope_scaling')!r}) is not supported")
-        if hf.get("tie_word_embeddings", False):
-            raise ConfigError(f"{source}: tie_word_embeddings=true is not supported (Mistral has an untied head)")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported; expected 'silu'")
-        missing = [key for key in _HF_REQUIRED if hf.get(key) is None]
-        if missing:
-            raise ConfigError(f"{source}: missing required key {missing[0]!r}")
+        source, hf = _read_hf(path_or_dict)
         try:
-            return cls(
-                vocab_size=hf["vocab_size"],
-                dim=hf["hidden_size"],
-                n_layers=hf["num_hidden_layers"],
-                n_heads=hf["num_attention_heads"],
-                n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                ffn_dim=hf["intermediate_size"],
-                head_dim=hf.get("head_dim"),
-                norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(theta),
-                sliding_window=hf.get("sliding_window"),
-                max_seq_len=hf.get("max_position_embeddings", 32768),
-                bos_id=_first(hf.get("bos_token_id"), 1),
-                eos_id=_first(hf.get("eos_token_id"), 2),
-            )
+            model_type = hf.get("model_type")
+            if model_type != "mistral":
+                raise ConfigError(f"unsupported model_type {model_type!r}; expected 'mistral'")
+            rope = _hf_value(hf, "rope_parameters", dict, {})
+            theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+            rope_type = rope.get("rope_type", "default")
+            if rope_type != "default" or hf.get("rope_scaling"):
+                raise ConfigError(f"rope scaling ({rope_type!r}, {hf.get('rope_scaling')!r}) is not supported")
+            if hf.get("tie_word_embeddings", False):
+                raise ConfigError("tie_word_embeddings=true is not supported (Mistral has an untied head)")
+            if hf.get("hidden_act", "silu") != "silu":
+                raise ConfigError(f"hidden_act={hf['hidden_act']!r} is not supported; expected 'silu'")
+            fields = {name: _hf_value(hf, key, kind, default) for key, name, kind, default in _HF_FIELDS}
+            fields["n_kv_heads"] = fields["n_kv_heads"] or fields["n_heads"]
+            return cls(**fields, rope_theta=_number("rope_theta", theta),
+                       bos_id=_token_id(hf, "bos_token_id", 1), eos_id=_token_id(hf, "eos_token_id", 2))
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
 
@@ -169,14 +143,76 @@ class MistralConfig:
         return hf
 
 
-_HF_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+_REQUIRED = object()
+# (HF key, MistralConfig field, type, default): the plain fields of `from_hf`.
+_HF_FIELDS = (
+    ("vocab_size", "vocab_size", int, _REQUIRED),
+    ("hidden_size", "dim", int, _REQUIRED),
+    ("num_hidden_layers", "n_layers", int, _REQUIRED),
+    ("num_attention_heads", "n_heads", int, _REQUIRED),
+    ("num_key_value_heads", "n_kv_heads", int, None),
+    ("intermediate_size", "ffn_dim", int, _REQUIRED),
+    ("head_dim", "head_dim", int, None),
+    ("rms_norm_eps", "norm_eps", float, 1e-6),
+    ("sliding_window", "sliding_window", int, None),
+    ("max_position_embeddings", "max_seq_len", int, 32768),
+)
 
 
-def _first(value, default: int) -> int:
-    """An HF token id field: an int, a list of ints (the first is used), or null (`default`)."""
+def _read_hf(path_or_dict) -> tuple[str, dict]:
+    """`(source for messages, the config dict)` from a dict, a `config.json` path or a model directory."""
+    if isinstance(path_or_dict, Mapping):
+        return "config dict", dict(path_or_dict)
+    path = os.fspath(path_or_dict)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such HF config file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the HF config ({e.strerror})") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got a JSON {type(hf).__name__}")
+    return path, hf
+
+
+def _hf_value(hf: dict, key: str, kind: type, default):
+    """`hf[key]` checked to be a `kind` (int: positive, not bool; float: any JSON number), or `default`
+    when absent or null."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"missing required key {key!r}")
+        return default
+    if kind is float:
+        return _number(key, value)
+    if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{key}: expected a JSON {'object' if kind is dict else kind.__name__}, got {value!r}")
+    return value
+
+
+def _number(key: str, value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _token_id(hf: dict, key: str, default: int) -> int:
+    """An HF token id field: an int, a list of ints (the first is used), or null/absent (`default`)."""
+    value = hf.get(key)
     if isinstance(value, (list, tuple)):
         value = value[0] if value else None
-    return default if value is None else value
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a token id (an integer or a list of them), got {hf[key]!r}")
+    return value
 
 
 PRESETS: dict[str, MistralConfig] = {

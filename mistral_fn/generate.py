@@ -19,6 +19,7 @@ from mistral_fn.errors import InputError
 from mistral_fn.kv_cache import init_cache
 from mistral_fn.model import hidden_states_with_cache, output_logits
 from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel
+from mistral_fn.params import check_params
 
 DEFAULT_PREFILL_CHUNK = 1024
 
@@ -78,6 +79,7 @@ def next_token_logits(params, prompts: Sequence[Sequence[int]], config: MistralC
                       prefill_chunk: int = DEFAULT_PREFILL_CHUNK, tp: TensorParallel = SINGLE_DEVICE) -> torch.Tensor:
     """float32 logits `[B, V]` of the token following each prompt (a batched, cached prefill)."""
     check_prompts(prompts, config, 0)
+    check_params(params, config, tp.size)  # before the cache reads the tree
     tokens, positions = left_pad(prompts, config.eos_id, params["embed"].device)
     cache = init_cache(params, config, len(prompts), tokens.shape[1])
     return prefill(params, tokens, config, cache, positions, chunk=prefill_chunk, tp=tp)[0]
@@ -99,6 +101,7 @@ def generate_stream(params, prompts: Sequence[Sequence[int]], config: MistralCon
     tens of seconds on a CPU; later steps skip most per-op overhead).
     """
     check_prompts(prompts, config, max_new_tokens)
+    check_params(params, config, tp.size)  # before the cache reads the tree
     sampling.check_options(temperature, top_k, top_p, repetition_penalty)
     if stop_strings and tokenizer is None:
         raise InputError("stop_strings need a tokenizer to decode the generated text")

@@ -10,16 +10,14 @@ from mistral_fn.errors import InputError
 from mistral_fn import remat
 from mistral_fn.model import forward, hidden_states, output_logits
 from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel
-
-IGNORE_INDEX = -100
+from mistral_fn.vocab_parallel import IGNORE_INDEX, vocab_parallel_cross_entropy
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel = SINGLE_DEVICE) -> torch.Tensor:
-    """Per-token cross-entropy `[B, T]` (float32); labels equal to -100 give 0."""
+    """Per-token cross-entropy `[B, T]` (float32); labels equal to IGNORE_INDEX (-100) give 0."""
     if tp.size == 1:
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none",
                                ignore_index=IGNORE_INDEX).view(labels.shape)
-    from mistral_fn.vocab_parallel import vocab_parallel_cross_entropy
     return vocab_parallel_cross_entropy(logits, labels, tp)
 
 

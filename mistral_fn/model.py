@@ -16,6 +16,7 @@ from mistral_fn import kernels, kv_cache, remat
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import InputError
 from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel
+from mistral_fn.params import check_params
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -103,6 +104,7 @@ def hidden_states(params, tokens, config: MistralConfig, *, positions=None, tp: 
     """Final-normed hidden states `[B, T, D]` in the params' dtype (`[B, T/tp, D]`, this rank's slice of the
     sequence, under sequence parallelism). `recompute` wraps each layer in `remat.checkpoint` (activations
     recomputed in backward; works under autograd and torch.func)."""
+    check_params(params, config, tp.size)
     check_tokens(tokens, config)
     h = embed(params["embed"], tokens, tp)
     cos, sin, mask = attention_inputs(positions, *tokens.shape, config, tokens.device, h.dtype)
@@ -141,6 +143,7 @@ def hidden_states_with_cache(params, tokens, config: MistralConfig, cache, posit
     """`(hidden [B, C, D], cache)` for a chunk `tokens` `[B, C]` at `positions` `[B, C]` continuing `cache`
     (`kv_cache.init_cache`; donated: continue from the returned one). Negative positions mark left
     padding: computed, never attended to by real tokens."""
+    check_params(params, config, tp.size)
     check_tokens(tokens, config)
     if positions.shape != tokens.shape:
         raise InputError(f"positions {tuple(positions.shape)} do not match tokens {tuple(tokens.shape)}")

@@ -93,14 +93,17 @@ class Tokenizer:
 
 
 def load_tokenizer(path_or_dir: str | os.PathLike | None = None) -> Tokenizer:
-    """Load a `tokenizer.model` file, an HF model directory holding one, or (None) the default v1 model."""
+    """Load a `tokenizer.model` file, an HF model directory holding one (ModelLink's `--tokenizer-type
+    PretrainedFromHF --tokenizer-name-or-path DIR`), or (None) the default v1 model."""
     if path_or_dir is None:
         return Tokenizer(default_tokenizer_path())
     path = os.fspath(path_or_dir)
     if os.path.isdir(path):
         model = os.path.join(path, "tokenizer.model")
         if not os.path.isfile(model):
-            raise InputError(f"{path}: model directory has no tokenizer.model (a SentencePiece model is required)")
+            fast_only = os.path.isfile(os.path.join(path, "tokenizer.json"))
+            raise InputError(f"{path}: no tokenizer.model in this directory (the SentencePiece model is required"
+                             f"{'; its tokenizer.json, a fast tokenizer, cannot replace it' if fast_only else ''})")
         path = model
     if not os.path.isfile(path):
         raise InputError(f"{path}: tokenizer file not found")

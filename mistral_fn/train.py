@@ -8,7 +8,8 @@
 
 One step = gradient accumulation over micro-batches (float32), data-parallel reduction, the global
 gradient norm (TP-aware), a non-finite check (skip, count, stop after `max_skipped` in a row),
-clipping, the optimizer update. The loss follows Megatron: each micro-batch's masked mean, averaged
+clipping, the optimizer update, and a second check that refuses (skips, counts) an update that would
+make any parameter non-finite. The loss follows Megatron: each micro-batch's masked mean, averaged
 over micro-batches and dp ranks.
 
 Over dp > 1, gradients are summed into flat float32 buckets (`zero.GradReducer`) and reduced one bucket
@@ -82,8 +83,8 @@ def init_train_state(params, optimizer: optim.GradientTransformation, *, master_
     return TrainState(compute, optimizer.init(master), *counters, scale_state, master if separate else ())
 
 
-def value_and_grad(fn: Callable[..., torch.Tensor], *,
-                   on_grad: Callable[[int, torch.Tensor], None] | None = None) -> Callable[..., tuple[torch.Tensor, Any]]:
+def value_and_grad(fn: Callable[..., torch.Tensor], *, on_grad: Callable[[int, torch.Tensor], None] | None = None
+                   ) -> Callable[..., tuple[torch.Tensor, Any]]:
     """`fn(params, *args, **kwargs) -> scalar` to `(value, grads)` with grads shaped like `params`.
 
     Differentiates every floating-point leaf of `params` with `torch.autograd.grad` on detached aliases
@@ -130,6 +131,23 @@ def global_grad_norm(grads, tp: TensorParallel = SINGLE_DEVICE, sharded_paths: C
     return sq.sum().sqrt()
 
 
+def update_keeps_params_finite(params, updates, tp: TensorParallel = SINGLE_DEVICE,
+                               dp: DataParallel = SINGLE_DEVICE) -> torch.Tensor:
+    """Whether every element of `params + updates` (summed in each param's dtype, as
+    `optim.apply_updates` does) is finite on every tp rank, and every `dp` rank when the params are
+    partitioned over it (ZeRO-1 blocks): a 0-d bool tensor, one host sync to read.
+
+    Each leaf's sum is a temporary (one leaf-sized buffer at a time) reduced to its largest magnitude
+    (NaN if it holds a NaN); `params` are not modified.
+    """
+    largest = [torch.linalg.vector_norm(p + u.to(p.dtype), float("inf")).float()
+               for p, u in zip(pytree.tree_leaves(params), pytree.tree_leaves(updates), strict=True) if p.numel()]
+    bad = (~torch.isfinite(torch.stack(largest)).all() if largest else torch.tensor(False)).to(torch.float32)
+    for group in (tp, dp):
+        bad = group.all_reduce(bad, "max") if group.size > 1 else bad
+    return bad == 0
+
+
 def split_micro_batches(batch: dict, micro_batch_size: int) -> list[dict]:
     """`[N, ...]` tensors to `N / micro_batch_size` dicts of `[micro_batch_size, ...]` views."""
     sizes = {k: v.shape[0] for k, v in batch.items()}
@@ -156,9 +174,11 @@ def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: opt
     compute_dtype: forward/backward dtype for float32 master `state.params` (None: use them as is).
     loss_scale: fp16 dynamic loss scaling (`optim.dynamic_loss_scale()`); its state lives in `state`.
     schedule: only to report `lr` in the metrics (evaluated at the count of applied updates).
-    max_skipped: raise `DivergenceError` after this many non-finite steps in a row.
+    max_skipped: raise `DivergenceError` after this many refused steps in a row (non-finite loss or
+    gradients, or an update that would make a parameter non-finite).
     donate: the step may overwrite the incoming `state`'s params and optimizer moments (JAX's buffer
     donation): same results, ~3 fewer parameter-sized buffers, but the old state must not be reused.
+    A refused update keeps the params either way; with `donate` its moments were already advanced.
     distributed_optimizer: ZeRO-1 over dp (the state from `init_train_state(distributed_optimizer=True)`).
     overlap_grad_reduce: start each gradient bucket's reduction during the last backward (dp > 1).
     bucket_size: elements per gradient bucket (`zero.BUCKET_SIZE`).
@@ -221,13 +241,7 @@ def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: opt
             metrics["loss_scale"] = float(state.loss_scale.scale)
         consumed = state.consumed_samples + len(micro) * micro_batch_size * dp.size
         if not bool(finite):
-            in_row = state.skipped_in_row + 1
-            if int(in_row) >= max_skipped:
-                raise DivergenceError(f"{int(in_row)} consecutive steps with non-finite loss or gradients "
-                                      f"(step {int(state.step) + 1}: loss {float(loss)}, grad norm {float(norm)})")
-            new = state._replace(step=state.step + 1, consumed_samples=consumed, skipped_in_row=in_row,
-                                 skipped_total=state.skipped_total + 1, loss_scale=new_scale)
-            return new, {**metrics, "skipped": 1, "skipped_total": int(new.skipped_total)}
+            return _skipped(state, consumed, new_scale, metrics, max_skipped, "non-finite loss or gradients")
         if max_grad_norm is not None:
             torch._foreach_mul_(pytree.tree_leaves(grads), optim.clip_coefficient(norm, max_grad_norm))
         separate_master = bool(pytree.tree_leaves(state.master))
@@ -239,6 +253,8 @@ def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: opt
             masters = pytree.tree_unflatten(zero.blocks(param_leaves, dp.rank, dp.size), treedef)
         updates, opt_state = optimizer.update(grads, state.opt_state, masters, donate=donate)
         del grads
+        if not bool(update_keeps_params_finite(masters, updates, tp, dp if distributed_optimizer else SINGLE_DEVICE)):
+            return _skipped(state, consumed, new_scale, metrics, max_skipped, "updates that make parameters non-finite")
         masters = optim.apply_updates(masters, updates, donate=donate)
         params, master = masters, ()
         if distributed_optimizer:
@@ -250,3 +266,15 @@ def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: opt
         return new, {**metrics, "skipped": 0, "skipped_total": int(new.skipped_total)}
 
     return step
+
+
+def _skipped(state: TrainState, consumed, loss_scale, metrics: dict, max_skipped: int, reason: str):
+    """The state and metrics of a refused step (params and optimizer state kept), or `DivergenceError`
+    once `max_skipped` steps in a row are refused."""
+    in_row = state.skipped_in_row + 1
+    if int(in_row) >= max_skipped:
+        raise DivergenceError(f"{int(in_row)} consecutive steps refused, the last for {reason} (step "
+                              f"{int(state.step) + 1}: loss {metrics['loss']}, grad norm {metrics['grad_norm']})")
+    new = state._replace(step=state.step + 1, consumed_samples=consumed, skipped_in_row=in_row,
+                         skipped_total=state.skipped_total + 1, loss_scale=loss_scale)
+    return new, {**metrics, "skipped": 1, "skipped_total": int(new.skipped_total)}

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from mistral_fn.loss import IGNORE_INDEX
 from mistral_fn.parallel import TensorParallel
+
+IGNORE_INDEX = -100  # a label that takes no loss (Megatron's and HF's -100); `loss` and `data` import it from here
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
-    """Per-token cross-entropy `[B, T]` (float32) from local float32 logits; labels == -100 give 0.
+    """Per-token cross-entropy `[B, T]` (float32) from local float32 logits; labels == IGNORE_INDEX give 0.
 
     Differentiable in `logits` (also under `torch.func.grad`); the result is the same on every rank.
     """

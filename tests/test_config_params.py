@@ -8,6 +8,7 @@ import torch
 
 import mistral_fn as mf
 from mistral_fn.params import leaves_with_paths
+from tests.snapshots import contents, one_line
 
 
 def test_7b_on_meta_has_the_published_parameter_count():
@@ -113,3 +114,122 @@ def test_grad_and_value_on_meta():
     batch = {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(2, 8, device="meta")}
     grads, loss = torch.func.grad_and_value(mf.loss_fn)(params, batch, cfg)
     assert loss.shape == () and grads["embed"].shape == (cfg.vocab_size, cfg.dim)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[{"model_type": "mistral"}]', "config.json: expected a JSON object, got a JSON list"),
+    ("{'model_type': 'mistral'}", "config.json: not valid JSON"),
+    ("", "config.json: not valid JSON"),
+    (b'{"model_type": "mistral", "x": "\xff"}', "config.json: not valid JSON .*utf-8"),
+    ({"rms_norm_eps": "abc"}, "config.json: rms_norm_eps: expected a number, got 'abc'"),
+    ({"rope_theta": [1e6]}, r"config.json: rope_theta: expected a number, got \[1000000.0\]"),
+    ({"hidden_size": "4096"}, "config.json: hidden_size: expected a positive integer, got '4096'"),
+    ({"num_hidden_layers": True}, "config.json: num_hidden_layers: expected a positive integer, got True"),
+    ({"intermediate_size": -1}, "config.json: intermediate_size: expected a positive integer, got -1"),
+    ({"sliding_window": 4.5}, "config.json: sliding_window: expected a positive integer, got 4.5"),
+    ({"rope_parameters": "default"}, "config.json: rope_parameters: expected a JSON object, got 'default'"),
+    ({"eos_token_id": "</s>"}, "config.json: eos_token_id: expected a token id"),
+    ({"vocab_size": None}, "config.json: missing required key 'vocab_size'"),
+    ({"num_attention_heads": None}, "config.json: missing required key 'num_attention_heads'"),
+])
+def test_bad_config_json_is_one_error_naming_file_and_field(tmp_path, text, message):
+    if isinstance(text, dict):
+        text = json.dumps({k: v for k, v in dict(_hub_v02_config(), **text).items() if v is not None})
+    (tmp_path / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    before = contents(tmp_path)
+    with pytest.raises(mf.ConfigError, match=message) as caught:
+        mf.MistralConfig.from_hf(tmp_path)
+    assert one_line(caught.value).startswith(str(tmp_path / "config.json"))
+    assert contents(tmp_path) == before
+
+
+# ---- the params tree checked against the config at the API boundary ---------------------------------
+
+TINY = mf.MistralConfig.tiny()
+
+
+def _api_calls(params, cfg=TINY):
+    """Every public entry that takes a params tree, as thunks."""
+    tokens = torch.randint(0, cfg.vocab_size, (1, 4), generator=torch.Generator().manual_seed(0))
+    batch = {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(1, 4)}
+    cache = mf.init_cache(mf.init_params(cfg, device="meta"), cfg, 1, 4)
+    return {
+        "forward": lambda: mf.forward(params, tokens, cfg),
+        "hidden_states": lambda: mf.hidden_states(params, tokens, cfg),
+        "loss_fn": lambda: mf.loss_fn(params, batch, cfg),
+        "loss_fn chunked": lambda: mf.loss_fn(params, batch, cfg, recompute=True, chunk_size=2),
+        "hidden_states_with_cache": lambda: mf.hidden_states_with_cache(params, tokens, cfg, cache, tokens * 0),
+        "generate": lambda: mf.generate(params, [[1, 2]], cfg, max_new_tokens=1),
+        "next_token_logits": lambda: mf.next_token_logits(params, [[1, 2]], cfg),
+    }
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda t: t["layers"].pop(), "params layers: 1 layers, expected 2"),
+    (lambda t: t["layers"][1]["attn"].pop("wk"), "params layers/1/attn/wk: missing"),
+    (lambda t: t["layers"][0]["attn"].pop("wk"), "params layers/0/attn/wk: missing"),
+    (lambda t: t.pop("norm"), "params norm: missing"),
+    (lambda t: t["layers"][0]["mlp"].update(bias=torch.zeros(3)), "params layers/0/mlp/bias: unexpected"),
+    (lambda t: t.update(lm_head=torch.zeros(3)), "params lm_head: unexpected"),
+    (lambda t: t["layers"][0]["attn"].update(wq=torch.zeros(64, 32)),
+     r"params layers/0/attn/wq: shape \(64, 32\), expected \(64, 64\)"),
+    (lambda t: t["layers"][1].update(mlp_norm=torch.ones(64, 1)), r"mlp_norm: shape \(64, 1\), expected \(64,\)"),
+    (lambda t: t.update(norm=[1.0] * 64), r"params norm: expected a tensor of shape \(64,\), got list"),
+    (lambda t: t.update(layers=tuple(t["layers"])), "params layers: expected a list, got tuple"),
+    (lambda t: t.update(output=torch.zeros(31999, 64)),
+     r"params output: shape \(31999, 64\), expected \(>=32000, 64\)"),
+    (lambda t: t.update(output=torch.zeros(32008, 64)), "params output: 32008 vocab rows but embed has 32000"),
+])
+def test_params_tree_is_checked_at_every_entry(mutate, message):
+    params = mf.params.tree_map(lambda x: x, mf.init_params(TINY))  # new containers, same tensors
+    mutate(params)
+    for name, call in _api_calls(params).items():
+        with pytest.raises(mf.ConfigError, match=message) as caught:
+            call()
+        assert one_line(caught.value).endswith("(config: 2 layers, dim 64, vocab 32000)"), name
+
+
+def test_tp_local_shards_pass_and_wrong_shards_are_named():
+    sh = pytest.importorskip("sharding")
+    cfg = mf.MistralConfig(vocab_size=100, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
+    full = mf.init_params(cfg, device="meta")
+    for tp, divisible_by in ((1, 1), (1, 8), (2, 1), (2, 8)):  # 100 rows padded to 100, 104, 100, 112
+        specs = sh.match(full, sh.mistral_rules(cfg, divisible_by))
+        for rank in range(tp):
+            local = sh.shard(full, specs, {"tp": tp}, {"tp": rank})
+            mf.params.check_params(local, cfg, tp)
+    local = sh.shard(full, sh.match(full, sh.mistral_rules(cfg)), {"tp": 2}, {"tp": 0})
+    with pytest.raises(mf.ConfigError, match=r"params embed: shape \(50, 64\), expected \(>=100, 64\)"):
+        mf.params.check_params(local, cfg)  # a tp=2 shard passed as the whole model
+    with pytest.raises(mf.ConfigError, match=r"params layers/0/attn/wq: shape \(64, 64\), expected \(32, 64\) .*tp=2"):
+        mf.params.check_params(full, cfg, 2)  # whole weights passed as a tp=2 rank's
+    local["layers"][1]["mlp"]["w_down"] = full["layers"][1]["mlp"]["w_down"]
+    with pytest.raises(mf.ConfigError, match=r"params layers/1/mlp/w_down: shape \(64, 96\), expected \(64, 48\)"):
+        mf.params.check_params(local, cfg, 2)
+    with pytest.raises(mf.ConfigError, match="does not split over tp=3"):
+        mf.params.check_params(full, cfg, 3)
+
+
+def test_tp_split_dims_agree_with_the_sharding_rules():
+    sh = pytest.importorskip("sharding")
+    cfg = mf.MistralConfig.tiny()
+    specs = sh.match(mf.init_params(cfg, device="meta"), sh.mistral_rules(cfg))
+    for path, spec in leaves_with_paths(specs, is_leaf=lambda x: isinstance(x, sh.PartitionSpec)):
+        assert spec.split_dim("tp") == mf.params.TP_SPLIT_DIMS.get(path.rsplit("/", 1)[-1]), path
+
+
+def test_params_check_composes_with_transforms():
+    """It reads shapes only (meta trees pass too: `test_grad_and_value_on_meta`)."""
+    cfg = TINY
+    params = mf.init_params(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+    grads = torch.func.grad(lambda p: mf.forward(p, tokens, cfg).logsumexp(-1).mean())(params)
+    assert grads["layers"][1]["attn"]["wq"].shape == (64, 64)
+    heads = dict(params, output=torch.stack([params["output"], 2 * params["output"]]))
+    in_dims = ({"embed": None, "layers": None, "norm": None, "output": 0},)
+    logits = torch.func.vmap(lambda p: mf.forward(p, tokens, cfg), in_dims=in_dims)(heads)  # per-example leaf shapes
+    torch.testing.assert_close(logits[1], 2 * logits[0])
+    compiled = torch.compile(mf.forward, backend="eager")  # dynamo traces the check; no kernels to build
+    torch.testing.assert_close(compiled(params, tokens, cfg), mf.forward(params, tokens, cfg))
+    with pytest.raises(mf.ConfigError, match="params layers: 1 layers, expected 2"):
+        compiled(dict(params, layers=params["layers"][:1]), tokens, cfg)

@@ -1,6 +1,9 @@
 """Pretraining and instruction datasets, their indices, and the data-parallel batch iterator."""
 
+import ast
+import multiprocessing
 import os
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,8 +20,10 @@ from mistral_fn.data.handlers import InstructionHandler
 from mistral_fn.data.indexed import IndexedDataset, IndexedDatasetWriter
 from mistral_fn.errors import InputError
 from mistral_fn.tokenizer import load_tokenizer
+from tests.snapshots import contents
 
-ALPACA = Path(__file__).parent / "data" / "alpaca_sample.jsonl"
+ROOT = Path(__file__).parent.parent
+ALPACA = ROOT / "tests" / "data" / "alpaca_sample.jsonl"
 
 
 def write_unique_docs(prefix, lengths):
@@ -77,24 +82,108 @@ def test_every_token_once_per_epoch(corpus, tmp_path):
     assert sample["tokens"].dtype == np.int64 and sample["loss_mask"].tolist() == [1.0] * seq
 
 
+def entries(cache):
+    """The cache directory's entries: `{name: sorted file names}` (the `.lock` file as None)."""
+    return {p.name: sorted(f.name for f in p.iterdir()) if p.is_dir() else None for p in sorted(cache.iterdir())}
+
+
+ARRAYS = ["description.json", "document_index.npy", "sample_index.npy", "shuffle_index.npy"]
+
+
 def test_index_cache_written_once(corpus, tmp_path, monkeypatch):
     prefix, _ = corpus
     cache = tmp_path / "cache"
     first = GPTDataset(prefix, 8, num_samples=40, seed=1, split="9,1,0", cache_dir=str(cache))
-    files = sorted(os.listdir(cache))
-    assert len(files) == 4 and [f.split("-", 1)[1] for f in files] == [
-        "GPTDataset-description.txt", "GPTDataset-document_index.npy", "GPTDataset-sample_index.npy",
-        "GPTDataset-shuffle_index.npy"]
-    stamps = {f: os.stat(cache / f).st_mtime_ns for f in files}
+    (entry,) = [name for name in entries(cache) if name != ".lock"]
+    assert entries(cache) == {".lock": None, entry: ARRAYS} and entry.endswith("-GPTDataset")
+    stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
     monkeypatch.setattr(datasets, "build_gpt_indices", lambda *a: pytest.fail("indices rebuilt despite the cache"))
     again = GPTDataset(prefix, 8, num_samples=40, seed=1, split="9,1,0", cache_dir=str(cache))
-    assert {f: os.stat(cache / f).st_mtime_ns for f in os.listdir(cache)} == stamps
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*")} == stamps
     assert all(np.array_equal(first[i]["tokens"], again[i]["tokens"]) for i in range(len(first)))
     monkeypatch.undo()
     valid = GPTDataset(prefix, 8, seed=1, split="9,1,0", split_name="valid", cache_dir=str(cache))
-    assert len(os.listdir(cache)) == 8 and len(valid) > 0  # another split is another cache entry
+    assert len(entries(cache)) == 3 and len(valid) > 0  # another split is another cache entry
     with pytest.raises(InputError, match="test part of --split 9,1,0 has no documents"):
         GPTDataset(prefix, 8, split="9,1,0", split_name="test", cache_dir=str(cache))
+
+
+def test_re_preprocessed_dataset_never_reads_a_stale_index(tmp_path):
+    prefix, seq = tmp_path / "data" / "c", 8
+    write_unique_docs(prefix, [30, 5, 17, 40])
+    old = GPTDataset(str(prefix), seq, seed=4, split="1,0,0")  # cached beside the dataset, Megatron's place
+    assert len(old) == 91 // seq
+    write_unique_docs(prefix, [3, 9, 4, 2])  # same prefix, same document count, other contents
+    new = GPTDataset(str(prefix), seq, seed=4, split="1,0,0")
+    fresh = GPTDataset(str(prefix), seq, seed=4, split="1,0,0", cache_dir=str(tmp_path / "fresh"))
+    assert len(new) == len(fresh) == 17 // seq
+    for i in range(len(new)):
+        assert np.array_equal(new[i]["tokens"], fresh[i]["tokens"])
+    cache = prefix / "cache" / "GPTDataset_indices"
+    assert len(entries(cache)) == 3  # the lock and one entry per contents
+
+
+def test_cache_beside_a_writable_dataset_else_in_the_user_cache_dir(tmp_path, monkeypatch):
+    data = tmp_path / "shared"
+    write_unique_docs(data / "c", [20, 30, 12])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    before = contents(data)
+    data.chmod(0o555)
+    if os.geteuid() == 0:  # root ignores permission bits; judge by them as any other user would
+        monkeypatch.setattr(os, "access", lambda path, mode: bool(os.stat(path).st_mode & 0o200))
+    try:
+        ds = GPTDataset(str(data / "c"), 8, seed=0, split="1,0,0")
+    finally:
+        data.chmod(0o755)
+    assert contents(data) == before  # nothing written beside a read-only dataset
+    user = tmp_path / "xdg" / "mistral_fn" / "GPTDataset_indices"
+    assert [name for name in entries(user) if name != ".lock"] and len(ds) == 62 // 8
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    GPTDataset(str(data / "c"), 8, seed=0, split="1,0,0")  # writable now: the complete entry is still found
+    assert not (data / "c").exists()
+    GPTDataset(str(data / "c"), 8, seed=1, split="1,0,0")  # a new entry goes beside the dataset
+    assert len(entries(data / "c" / "cache" / "GPTDataset_indices")) == 2
+
+
+def test_a_killed_builders_partial_entry_is_swept(corpus, tmp_path, caplog):
+    prefix, _ = corpus
+    GPTDataset(prefix, 8, seed=0, split="1,0,0", cache_dir=str(tmp_path / "a"))
+    (entry,) = [name for name in entries(tmp_path / "a") if name != ".lock"]
+    partial = tmp_path / "b" / f".{entry}.partial"
+    partial.mkdir(parents=True)
+    (partial / "document_index.npy").write_bytes(b"half written")
+    with caplog.at_level("WARNING", logger="mistral_fn.atomic"):
+        ds = GPTDataset(prefix, 8, seed=0, split="1,0,0", cache_dir=str(tmp_path / "b"))
+    assert entries(tmp_path / "b") == {".lock": None, entry: ARRAYS} and len(ds) > 0
+    assert any("interrupted write" in r.getMessage() for r in caplog.records)
+
+
+def _build_concurrently(args):
+    prefix, cache, barrier, log = args
+    original = datasets.build_gpt_indices
+
+    def slow_build(*a):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # long enough for the other ranks to arrive while this one builds
+        return original(*a)
+
+    datasets.build_gpt_indices = slow_build
+    barrier.wait()
+    ds = GPTDataset(prefix, 8, num_samples=50, seed=3, split="1,0,0", cache_dir=cache)
+    return [ds[i]["tokens"].tolist() for i in range(len(ds))]
+
+
+@pytest.mark.slow
+def test_data_parallel_ranks_building_one_cache_at_once(corpus, tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    barrier, log = ctx.Manager().Barrier(3), tmp_path / "builds.log"
+    with ctx.Pool(3) as pool:
+        results = pool.map(_build_concurrently, [(corpus[0], str(tmp_path / "cache"), barrier, log)] * 3)
+    assert results[0] == results[1] == results[2] and len(results[0]) == 50
+    assert len(log.read_text().split()) == 1  # one rank built, the others waited and read
+    assert [name for name, files in entries(tmp_path / "cache").items() if files != ARRAYS] == [".lock"]
 
 
 def test_resume_equals_uninterrupted_and_ranks_partition(corpus, tmp_path):
@@ -154,3 +243,15 @@ def test_batches_feed_loss_fn(sft):
     assert batch["loss_mask"].sum() > 0
     loss = mf.loss_fn(params, batch, cfg)
     assert torch.isfinite(loss) and 9.0 < loss.item() < 12.0  # ~ln(32000) for random weights
+
+
+def test_ignore_index_is_defined_once_and_vocab_parallel_needs_no_loss():
+    from mistral_fn import loss, vocab_parallel
+    from mistral_fn.data import handlers
+    assert loss.IGNORE_INDEX is vocab_parallel.IGNORE_INDEX is handlers.IGNORE_INDEX is datasets.IGNORE_INDEX == -100
+    trees = {path: ast.parse(path.read_text()) for path in (ROOT / "mistral_fn").rglob("*.py")}
+    definitions = [path.name for path, tree in trees.items() for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                   and any(getattr(target, "id", None) == "IGNORE_INDEX" for target in node.targets)]
+    assert definitions == ["vocab_parallel.py"]
+    assert not [node for node in ast.walk(trees[ROOT / "mistral_fn" / "vocab_parallel.py"])
+                if isinstance(node, ast.ImportFrom) and node.module == "mistral_fn.loss"]  # no import cycle

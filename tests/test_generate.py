@@ -20,6 +20,7 @@ from mistral_fn.generate import generate, generate_stream, left_pad, next_token_
 from mistral_fn.model import forward_with_cache
 from mistral_fn.tokenizer import load_tokenizer
 from tests.hf_reference import hf_model
+from tests.snapshots import one_line
 
 SMALL = mf.MistralConfig(vocab_size=257, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=80, head_dim=16,
                          rope_theta=1e4, sliding_window=None, max_seq_len=128)
@@ -179,10 +180,62 @@ def test_top_k_top_p_never_emit_excluded_tokens():
     assert torch.equal(sampling.sample(logits, temperature=0.0), torch.zeros(4000, dtype=torch.int64))
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(repetition_penalty=0.0)])
-def test_bad_sampling_options(bad):
-    with pytest.raises(mf.InputError):
+@pytest.mark.parametrize("bad, message", [
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0 .*got inf"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0 .*got nan"),
+    (dict(top_k=0), "top_k must be a positive integer"),
+    (dict(top_k=True), "top_k must be a positive integer or None, got True"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=-0.5), r"top_p must be in \(0, 1\] or None, got -0.5"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be a finite number > 0, got inf"),
+])
+def test_bad_sampling_options(bad, message):
+    with pytest.raises(mf.InputError, match=message) as caught:
         generate(mf.init_params(SMALL), [[1, 2]], SMALL, max_new_tokens=2, **bad)
+    one_line(caught.value)
+    with pytest.raises(mf.InputError, match=message):
+        sampling.sample(torch.zeros(1, 5), **{"temperature": 1.0, **bad})
+
+
+def test_non_finite_logits_are_refused_and_excluded_tokens_are_not():
+    inf, nan = float("inf"), float("nan")
+    fine = torch.tensor([[0.5, -inf, 2.0], [-inf, -inf, 1.0]])
+    assert sampling.sample(fine).tolist() == [2, 2]
+    assert sampling.sample(fine, temperature=0.7, generator=torch.Generator().manual_seed(0))[1] == 2
+    for row, kind in ((torch.tensor([0.5, nan, 2.0]), "NaN"), (torch.tensor([0.5, inf, 2.0]), r"\+inf"),
+                      (torch.tensor([-inf, -inf, -inf]), "-inf for every token")):
+        for temperature in (0.0, 1.0):
+            message = f"logits row 1 of 3 is not finite \\({kind}\\): the model's weights"
+            with pytest.raises(mf.InputError, match=message):
+                sampling.sample(torch.stack([fine[0], row, fine[1]]), temperature=temperature)
+    with pytest.raises(mf.InputError, match="logits row 0 of 1 is not finite .*repetition_penalty=1e-40 overflows"):
+        sampling.sample(torch.tensor([[30.0, 1.0]]), repetition_penalty=1e-40, seen=torch.tensor([[True, False]]))
+
+
+def test_generation_from_non_finite_weights_is_an_error_not_token_0():
+    params = mf.init_params(SMALL)
+    params["layers"][1]["mlp"]["w_down"] = params["layers"][1]["mlp"]["w_down"] * float("nan")
+    for temperature in (0.0, 0.8):
+        with pytest.raises(mf.InputError, match=r"logits row 0 of 2 is not finite \(NaN\)") as caught:
+            generate(params, [[5, 6], [7]], SMALL, max_new_tokens=3, temperature=temperature)
+        one_line(caught.value)
+
+
+def test_extreme_temperatures_are_exact():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2000, 10, generator=g) * 4
+    logits[:, 3] = float("-inf")  # an excluded token stays excluded at every temperature
+    for tiny in (1e-30, 1e-45, 1e-50, 5e-324):  # the limit T -> 0 is greedy
+        assert torch.equal(sampling.sample(logits, temperature=tiny, generator=g), logits.argmax(-1))
+    for huge in (1e30, 1e300):  # the limit T -> inf is uniform over the allowed tokens
+        counts = torch.bincount(sampling.sample(logits, temperature=huge, generator=g), minlength=10)
+        assert counts[3] == 0 and all(160 < int(c) < 290 for i, c in enumerate(counts) if i != 3), counts
+    params, prompts = decisive_params(SMALL), random_prompts([4, 6], SMALL.vocab_size)
+    greedy = generate(params, prompts, SMALL, max_new_tokens=5, stop_ids=())
+    assert generate(params, prompts, SMALL, max_new_tokens=5, temperature=1e-45, top_p=0.5, stop_ids=()) == greedy
 
 
 # ---- stopping and streaming -----------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 import checkpoints
 import mistral_fn as mf
 from checkpoints.convert import convert
+from checkpoints.megatron import SAVE_ID, save_megatron
 from checkpoints.megatron_pickle import load_pt, save_pt
 from mistral_fn.params import leaves_with_paths
 
@@ -115,9 +116,11 @@ def test_tracker_args_and_pickled_names(hf_dir, tmp_path):
                     max_position_embeddings=512, seq_length=512, params_dtype=torch.float16, fp16=True, bf16=False,
                     tensor_model_parallel_size=4, pipeline_model_parallel_size=1,
                     untie_embeddings_and_output_weights=True, swiglu=True, normalization="RMSNorm",
-                    add_bias_linear=False, add_position_embedding=False, position_embedding_type="rope",
-                    tokenizer_type="Llama2Tokenizer")
+                    add_bias_linear=False, add_position_embedding=True, position_embedding_type="rope",
+                    tokenizer_type="PretrainedFromHF", consumed_train_samples=0)
     assert {k: args[k] for k in expected} == expected
+    ids = {vars(load_pt(_rank(tmp_path / "mg", t, 0, 1))["args"])[SAVE_ID] for t in range(4)}
+    assert len(ids) == 1 and len(ids.pop()) == 32  # one random id, shared by the save's rank files
     assert type(args["model_type"]).__module__ == "megatron.core.enums" and args["model_type"].value == 1
     assert load_pt(file)["model"]["language_model"]["encoder"]["layers.0.input_norm.weight"].dtype == torch.float16
 
@@ -128,7 +131,8 @@ def test_resharding_equals_direct_conversion(hf_dir, tmp_path):
     convert("megatron", "megatron", tmp_path / "tp4", tmp_path / "tp1", tp=1)
     convert("hf", "megatron", hf_dir, tmp_path / "direct", tp=1)
     chained, direct = load_pt(_rank(tmp_path / "tp1", 0, 0, 1)), load_pt(_rank(tmp_path / "direct", 0, 0, 1))
-    assert vars(chained["args"]) == vars(direct["args"])
+    assert getattr(chained["args"], SAVE_ID) != getattr(direct["args"], SAVE_ID)
+    assert vars(chained["args"]) | {SAVE_ID: ""} == vars(direct["args"]) | {SAVE_ID: ""}
     a, b = leaves_with_paths(chained["model"]), leaves_with_paths(direct["model"])
     assert [p for p, _ in a] == [p for p, _ in b]
     assert all(torch.equal(x, y) and x.dtype == y.dtype for (_, x), (_, y) in zip(a, b))
@@ -148,22 +152,49 @@ def test_hf_output_loads_in_transformers_with_original_logits(tmp_path):
         assert torch.equal(model(tokens).logits, hf_model(CONFIG, params)(tokens).logits)
 
 
-def test_modellink_args_without_rotary_base_need_hf_config(hf_dir, tmp_path):
-    """ModelLink stores no rotary_base (nor true_vocab_size): θ comes from --hf_config, never a default."""
-    convert("hf", "megatron", hf_dir, tmp_path / "mg", tp=1)
-    file = _rank(tmp_path / "mg", 0, 0, 1)
-    state = load_pt(file, mmap=False)
-    for name in ("rotary_base", "true_vocab_size", "vocab_size"):
-        delattr(state["args"], name)
-    state["rng_state"] = [{"np_rng_state": np.random.get_state(), "torch_rng_state": torch.get_rng_state()}]
-    save_pt(state, file)
-    with pytest.raises(mf.CheckpointError, match=r"model_optim_rng.pt: args have no rotary_base .* --hf_config"):
+def _as_modellink_wrote_it(ckpt, tp=1):
+    """Rewrite the rank files as ModelLink's converter leaves them: args without rotary_base (nor
+    true_vocab_size) and a training run's RNG state."""
+    for t in range(tp):
+        file = _rank(ckpt, t, 0, 1)
+        state = load_pt(file, mmap=False)
+        for name in ("rotary_base", "true_vocab_size", "vocab_size", SAVE_ID):
+            delattr(state["args"], name)
+        state["rng_state"] = [{"np_rng_state": np.random.get_state(), "torch_rng_state": torch.get_rng_state()}]
+        save_pt(state, file)
+
+
+def test_modellink_args_without_rotary_base_take_it_from_the_caller(hf_dir, tmp_path):
+    """θ comes from an explicit rope base, else an HF config.json, never a default; both missing is one error."""
+    convert("hf", "megatron", hf_dir, tmp_path / "mg", tp=2)
+    _as_modellink_wrote_it(tmp_path / "mg", tp=2)
+    tok_only = tmp_path / "tokenizer_dir"
+    tok_only.mkdir()
+    with pytest.raises(mf.CheckpointError, match=r"mp_rank_00/model_optim_rng.pt: args have no rotary_base \(ModelLink "
+                       r"does not store it\); pass the rope base \(--rotary-base\) or an HF model directory / "
+                       r"config.json to take rope_theta from \(.*tokenizer_dir has no config.json\)$"):
+        checkpoints.load(tmp_path / "mg", hf_dir=tok_only)
+    with pytest.raises(mf.CheckpointError, match="args have no rotary_base"):
         convert("megatron", "hf", tmp_path / "mg", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     convert("megatron", "hf", tmp_path / "mg", tmp_path / "out", hf_config=hf_dir / "config.json")
     config, params = checkpoints.load_hf(tmp_path / "out")
     assert config == CONFIG
     _same_params(params, checkpoints.load_hf(hf_dir)[1])
+    # the shared loader: explicit base first, then the HF directory (as apps pass --tokenizer-name-or-path)
+    assert checkpoints.load(tmp_path / "mg", rotary_base=5e5, hf_dir=hf_dir)[0] == CONFIG.replace(rope_theta=5e5)
+    config, params = checkpoints.load(tmp_path / "mg", hf_dir=hf_dir)
+    assert config == CONFIG
+    _same_params(params, checkpoints.load_hf(hf_dir)[1])
+    config, _ = checkpoints.load(tmp_path / "mg", rotary_base=1e6)
+    assert config == CONFIG.replace(vocab_size=126)  # without an HF config the padded vocab is all there is
+
+
+def test_a_rope_base_that_contradicts_the_stored_one_is_an_error(hf_dir, tmp_path):
+    convert("hf", "megatron", hf_dir, tmp_path / "mg", tp=1)
+    assert checkpoints.load(tmp_path / "mg", rotary_base=1e6)[0] == CONFIG
+    with pytest.raises(mf.CheckpointError, match=r"args rotary_base=1000000.0 but the given rope base is 10000.0"):
+        checkpoints.load(tmp_path / "mg", rotary_base=1e4)
 
 
 def test_release_and_trained_iterations_are_read_and_kept(hf_dir, tmp_path):
@@ -175,11 +206,29 @@ def test_release_and_trained_iterations_are_read_and_kept(hf_dir, tmp_path):
     convert("megatron", "megatron", tmp_path / "mg", tmp_path / "released", tp=1)
     assert (tmp_path / "released" / "latest_checkpointed_iteration.txt").read_text() == "release"
     assert load_pt(tmp_path / "released" / "release" / "mp_rank_00" / "model_optim_rng.pt")["iteration"] == 0
-    os.rename(tmp_path / "mg" / "release", tmp_path / "mg" / "iter_0001000")  # a trained checkpoint
-    (tmp_path / "mg" / "latest_checkpointed_iteration.txt").write_text("1000")
-    convert("megatron", "megatron", tmp_path / "mg", tmp_path / "trained", tp=1)
+    ckpt = checkpoints.read_megatron(tmp_path / "released")[1]
+    assert (ckpt.iteration, ckpt.step) == ("release", 0)
+
+    # a trained checkpoint: the true iteration in the directory name, the tracker and every rank file
+    save_megatron(tmp_path / "trained", CONFIG, checkpoints.load_hf(hf_dir)[1], tp=2, pp=1, iteration=1000,
+                  consumed_train_samples=32000)
     assert (tmp_path / "trained" / "latest_checkpointed_iteration.txt").read_text() == "1000"
-    assert load_pt(tmp_path / "trained" / "iter_0001000" / "mp_rank_00" / "model_optim_rng.pt")["iteration"] == 1000
+    assert [load_pt(_rank(tmp_path / "trained", t, 0, 1).parents[2] / "iter_0001000" / f"mp_rank_0{t}" /
+                    "model_optim_rng.pt")["iteration"] for t in range(2)] == [1000, 1000]
+    ckpt = checkpoints.read_megatron(tmp_path / "trained")[1]
+    assert (ckpt.step, ckpt.consumed_train_samples) == (1000, 32000)  # what a resuming run continues from
+    convert("megatron", "megatron", tmp_path / "trained", tmp_path / "resharded", tp=1)
+    assert (tmp_path / "resharded" / "latest_checkpointed_iteration.txt").read_text() == "1000"
+    assert load_pt(tmp_path / "resharded" / "iter_0001000" / "mp_rank_00" / "model_optim_rng.pt")["iteration"] == 1000
+
+
+def test_a_tracker_that_names_another_iteration_than_the_files_is_an_error(hf_dir, tmp_path):
+    convert("hf", "megatron", hf_dir, tmp_path / "mg", tp=1)
+    os.rename(tmp_path / "mg" / "iter_0000001", tmp_path / "mg" / "iter_0000100")
+    (tmp_path / "mg" / "latest_checkpointed_iteration.txt").write_text("100")
+    with pytest.raises(mf.CheckpointError, match=r"iter_0000100/mp_rank_00/model_optim_rng.pt: stores iteration 1 "
+                                                 r"but latest_checkpointed_iteration.txt names 100"):
+        checkpoints.load(tmp_path / "mg")
 
 
 # ---- bad input: one clear error, nothing left behind ---------------------------------------------
@@ -199,7 +248,7 @@ def test_heads_not_divisible_by_target_tp(hf_dir, tmp_path):
 
 
 def test_hf_config_is_for_megatron_input_only(hf_dir, tmp_path):
-    _fails(tmp_path, "--hf_config describes a Megatron input", "hf", "megatron", hf_dir, hf_config=hf_dir)
+    _fails(tmp_path, "--hf_config describes a Megatron or native input", "hf", "megatron", hf_dir, hf_config=hf_dir)
 
 
 @pytest.fixture
@@ -257,51 +306,43 @@ def test_args_that_do_not_match_the_hf_config(mg_dir, hf_dir, tmp_path):
            "megatron", "hf", mg_dir, hf_config=tmp_path / "theta.json")
 
 
-def test_existing_output_needs_overwrite(mg_dir, hf_dir, tmp_path):
+def test_existing_output_needs_overwrite_and_must_be_a_checkpoint_of_the_output_format(mg_dir, hf_dir, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep").write_text("x")
     with pytest.raises(mf.CheckpointError, match="out: already exists; pass --overwrite"):
         convert("megatron", "hf", mg_dir, tmp_path / "out")
-    assert (tmp_path / "out" / "keep").exists()
-    convert("megatron", "hf", mg_dir, tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "keep").exists() and (tmp_path / "out" / "config.json").exists()
+    with pytest.raises(mf.CheckpointError, match="out: is not an HF checkpoint; --overwrite replaces only a "
+                                                 "checkpoint of the output format"):
+        convert("megatron", "hf", mg_dir, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "keep").read_text() == "x"
+    checkpoints.save_hf(tmp_path / "an_hf_model", CONFIG, mf.init_params(CONFIG))
+    with pytest.raises(mf.CheckpointError, match="an_hf_model: is not a Megatron checkpoint"):
+        convert("megatron", "megatron", mg_dir, tmp_path / "an_hf_model", tp=1, overwrite=True)
+    assert checkpoints.load_hf(tmp_path / "an_hf_model")[0] == CONFIG
+    (tmp_path / "out" / "keep").unlink()
+    convert("megatron", "hf", mg_dir, tmp_path / "out", overwrite=True)  # an empty directory may be replaced
+    assert checkpoints.load_hf(tmp_path / "out")[0] == CONFIG
+    convert("megatron", "megatron", mg_dir, tmp_path / "mg1", tp=1)
+    convert("megatron", "megatron", mg_dir, tmp_path / "mg1", tp=1, overwrite=True, dtype=torch.float32)
+    assert checkpoints.load_megatron(tmp_path / "mg1")[1]["embed"].dtype == torch.float32  # and a checkpoint
 
 
 # ---- the absl command ----------------------------------------------------------------------------
 
 def _cli(*flags):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "experiments.convert_ckpt", *flags], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "experiments.convert_ckpt", *map(str, flags)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.slow
-def test_cli_seed_commands_end_to_end(hf_dir, tmp_path):
-    ref = tmp_path / "ref"  # the "original HF dir" of the seed's way back
-    ref.mkdir()
-    for name in ("config.json", "tokenizer.model"):
-        (ref / name).write_bytes((hf_dir / name).read_bytes())
-    run = _cli("--loader=hf", "--saver=megatron", f"--load_dir={hf_dir}", f"--save_dir={tmp_path / 'mg'}",
-               f"--tokenizer_model={hf_dir / 'tokenizer.model'}", "--target_tensor_parallel_size=8",
-               "--target_pipeline_parallel_size=1", "--params_dtype=fp16")
-    assert run.returncode == 0, run.stderr
-    assert "wrote 216 tensors" in run.stdout and "layer" in run.stderr and "32/32" in run.stderr
-    run = _cli("--loader=megatron", "--saver=hf", f"--load_dir={tmp_path / 'mg'}", f"--save_dir={ref}")
-    assert run.returncode == 0, run.stderr
-    out = ref / "mg2hg"
-    assert (out / "tokenizer.model").read_bytes() == b"sentencepiece-bytes"
-    config, params = checkpoints.load_hf(out)
-    assert config == CONFIG and params["embed"].dtype == torch.float16
-    _same_params(params, mf.params.cast(checkpoints.load_hf(hf_dir)[1], torch.float16))
-    run = _cli("--loader=megatron", "--saver=hf", f"--load_dir={tmp_path / 'mg'}", f"--save_dir={ref}")
-    assert run.returncode == 1 and run.stderr.strip().splitlines() == [
-        f"error: {out}: already exists; pass --overwrite to replace it"]
-
-
-@pytest.mark.slow
 def test_cli_bad_input_is_one_line(hf_dir, tmp_path):
-    run = _cli("--loader=hf", "--saver=megatron", f"--load_dir={hf_dir}", f"--save_dir={tmp_path / 'mg'}",
-               "--target_tensor_parallel_size=3")
-    assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert run.stderr.strip().splitlines()[-1] == "error: n_heads=16 is not divisible by tensor-parallel size tp=3"
-    assert not (tmp_path / "mg").exists()
+    """ModelLink's flags are checked with their meaning (the library's own errors are one line the same way)."""
+    run = _cli("--model-type", "BERT", "--load-dir", hf_dir, "--save-dir", tmp_path / "mg")
+    assert run.returncode == 1 and run.stderr.strip().splitlines() == ["error: --model-type='BERT': only GPT is supported"]
+    run = _cli("--loader", "megatron", "--save-model-type", "save_huggingface_llama", "--load-dir", hf_dir,
+               "--save-dir", tmp_path)
+    assert run.returncode == 1 and run.stderr.strip().splitlines() == [
+        f"error: --save-dir={tmp_path}: no config.json; with --save-model-type=save_huggingface_llama it must be the "
+        "original HF model directory (the output goes to its mg2hg/)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

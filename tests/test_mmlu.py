@@ -16,7 +16,9 @@ import mistral_fn as mf
 from mistral_fn.evaluation import mmlu
 from mistral_fn.generate import next_token_logits
 from mistral_fn.tokenizer import load_tokenizer
+from mistral_fn.atomic import check_file_target
 from tests.hf_reference import hf_model
+from tests.snapshots import contents, one_line
 
 CONFIG = mf.MistralConfig(vocab_size=32000, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                           max_seq_len=512, sliding_window=None)
@@ -205,6 +207,55 @@ def test_malformed_rows(data, row, match):
         csv.writer(f).writerow(row)
     with pytest.raises(mf.InputError, match=f"sociology_test.csv: {match}"):
         mmlu.load_mmlu(data, 0)
+
+
+SOCIOLOGY = '"Anomie means, in short:",normlessness,wealth,ritual,"class, ""caste""",A\r\n'.encode()
+
+
+@pytest.mark.parametrize("content, match", [
+    (SOCIOLOGY + "Qui a créé la sociologie ?,Marx,Spencer,Weber,Comte,D\n".encode("latin-1"),
+     rf"line 2: not UTF-8 \(byte {len(SOCIOLOGY) + 8} is 0xe9\); save the file as UTF-8"),
+    ("Anomie?,a,b,c,d,A\n".encode("utf-16"), r"line 1: not UTF-8 \(byte 0 is 0xff\)"),
+    (SOCIOLOGY + b'"' + b"x" * 200_000 + b'",a,b,c,d,A\n', r"line 2: malformed CSV \(field larger than field limit"),
+])
+def test_csv_that_is_not_utf8_or_malformed_is_one_line_naming_the_file(data, content, match):
+    path = data / "sociology_test.csv"
+    path.write_bytes(content)
+    before = contents(data.parent)
+    with pytest.raises(mf.InputError, match=f"{path}: {match}") as caught:
+        mmlu.load_mmlu(data, 0)
+    one_line(caught.value)
+    assert contents(data.parent) == before
+
+
+def test_utf8_bom_and_a_directory_named_like_a_csv(data):
+    (data / "sociology_test.csv").write_bytes(b"\xef\xbb\xbf" + SOCIOLOGY + b"\n\n")
+    (data / "zoology_test.csv").mkdir()  # not a file: not a subject
+    test, _ = mmlu.load_mmlu(data, 0)
+    assert [(q.question, q.choices[3]) for q in test["sociology"]] == [("Anomie means, in short:", 'class, "caste"')]
+    assert "zoology" not in test
+
+
+def test_non_finite_logits_stop_the_evaluation(data, tokenizer, params):
+    test, dev = mmlu.load_mmlu(data, 1)
+    broken = dict(params, norm=params["norm"] * float("nan"))
+    for protocol in mmlu.PROTOCOLS:
+        with pytest.raises(mf.InputError, match=r"logits row 0 of 2 is not finite \(NaN\)") as caught:
+            mmlu.evaluate(logits_fn(broken), tokenizer, test, dev, protocol=protocol, max_len=512, batch_size=2)
+        one_line(caught.value)
+
+
+def test_results_path_is_checked_before_any_work(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    before = contents(tmp_path)
+    for path, match in ((tmp_path / "results", "results: is a directory; expected a file path to write"),
+                        (tmp_path / "a_file" / "mmlu.json", "mmlu.json: cannot be written")):
+        with pytest.raises(mf.CheckpointError, match=match) as caught:
+            check_file_target(path)
+        one_line(caught.value)
+    check_file_target(tmp_path / "new" / "dir" / "mmlu.json")  # creatable: fine, and nothing is created yet
+    assert contents(tmp_path) == before
 
 
 def test_missing_data(tmp_path, data):

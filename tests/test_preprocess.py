@@ -2,8 +2,12 @@
 
 import json
 import os
+import resource
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,8 @@ from mistral_fn.data.handlers import InstructionHandler, PretrainHandler
 from mistral_fn.data.indexed import IndexedDataset
 from mistral_fn.data.sources import find_inputs, iter_rows
 from mistral_fn.errors import InputError
-from mistral_fn.tokenizer import ALPACA_SYSTEM, load_tokenizer
+from mistral_fn.tokenizer import ALPACA_SYSTEM, default_tokenizer_path, load_tokenizer
+from tests.snapshots import contents, one_line
 
 DATA = Path(__file__).parent / "data"
 ALPACA = DATA / "alpaca_sample.jsonl"
@@ -158,12 +163,160 @@ def cli(*args):
 
 @pytest.mark.slow
 def test_cli_success_and_one_line_error(tmp_path):
-    done = cli(f"--input={ALPACA}", f"--output_prefix={tmp_path}/sft", "--handler_name=GeneralInstructionHandler",
-               "--append_eod", "--workers=2")
+    (tmp_path / "hf").mkdir()
+    shutil.copy(default_tokenizer_path(), tmp_path / "hf" / "tokenizer.model")
+    done = cli("--input", str(ALPACA), "--output-prefix", f"{tmp_path}/sft", "--tokenizer-type", "PretrainedFromHF",
+               "--tokenizer-name-or-path", f"{tmp_path}/hf", "--append-eod", "--tokenizer-not-use-fast",
+               "--handler-name", "GeneralInstructionHandler", "--workers", "2")  # the seed's, ModelLink-spelt
     assert done.returncode == 0, done.stderr
+    assert done.stderr.count("SentencePiece (tokenizer.model) is the slow tokenizer") == 1
     assert "wrote 36 documents" in done.stdout and len(read_docs(f"{tmp_path}/sft_packed_labels_document")) == 36
     bad_jsonl(tmp_path / "bad.jsonl")
     failed = cli(f"--input={tmp_path}/bad.jsonl", f"--output_prefix={tmp_path}/bad")
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert failed.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path}/bad.jsonl:2: missing key 'text'")
     assert not list(tmp_path.glob("bad_*"))
+
+
+# ---- bad inputs and faults: one line naming the file and row, nothing published, nothing left ----------
+
+def _parquet_bytes(table):
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+BAD_INPUTS = {  # file name: (bytes, options, message)
+    "empty.jsonl": (b"", {}, "--input .*empty.jsonl: no rows; no documents to write, nothing was published"),
+    "blank.jsonl": (b"\n  \n\n", {}, "blank.jsonl: no rows; no documents to write"),
+    "empty.json": (b"[]", {}, "empty.json: no rows; no documents to write"),
+    "empty.parquet": (_parquet_bytes(pa.table({"text": pa.array([], pa.string())})), {}, "empty.parquet: no rows"),
+    "all_bad.jsonl": (b'{"title": "a"}\n{"text": " "}\n', {"skip_bad_rows": True},
+                      r"all_bad.jsonl: every row skipped \(2 bad, 0 too long\); no documents to write"),
+    "all_long.jsonl": (b'{"text": "a b c d e f g h"}\n', {"seq_length": 3},
+                       r"all_long.jsonl: every row skipped \(0 bad, 1 too long\)"),
+    "bad_json.jsonl": (b'{"text": "ok"}\n{"text": "cut"\n', {},
+                       r"bad_json.jsonl:2: invalid JSON \(Expecting ',' delimiter"),
+    "list_row.jsonl": (b'["text", "a list"]\n', {}, "list_row.jsonl:1: expected a JSON object, got list"),
+    "number_text.jsonl": (b'{"text": 42}\n', {}, "number_text.jsonl:1: 'text': expected text, got int"),
+    "utf16.jsonl": ('{"text": "hi"}\n'.encode("utf-16"), {}, "utf16.jsonl:1: invalid UTF-8 at byte 0"),
+    "latin1.jsonl": ('{"text": "ok"}\n{"text": "café"}\n'.encode("latin-1"), {}, "latin1.jsonl:2: invalid UTF-8"),
+    "surrogate.jsonl": (b'{"text": "\\ud800 lone"}\n', {}, "surrogate.jsonl:1: 'text': invalid UTF-8 .*surrogate"),
+    "cut.json": (b'[{"text": "a"},\n{"text": "b"', {}, r"cut.json: not a valid UTF-8 JSON array \(Expecting"),
+    "scalar_row.json": (b'[{"text": "a"}, 7]', {}, "scalar_row.json row 1: expected a JSON object, got int"),
+    "int_column.parquet": (_parquet_bytes(pa.table({"text": [1, 2]})), {},
+                           "int_column.parquet row 0: 'text': expected text, got int"),
+    "damaged.parquet": (b"PAR1 not really", {}, "damaged.parquet: not a readable parquet file"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_is_one_line_and_leaves_everything_as_it_was(tok, tmp_path, name):
+    data, options, message = BAD_INPUTS[name]
+    (tmp_path / name).write_bytes(data)
+    preprocess(tok, ALPACA, tmp_path / "out" / "x", PretrainHandler(("instruction",)))  # an earlier dataset
+    before = contents(tmp_path)
+    with pytest.raises(InputError, match=message) as caught:
+        preprocess(tok, tmp_path / name, tmp_path / "out" / "x", PretrainHandler(("text",), True), **options)
+    one_line(caught.value)
+    assert contents(tmp_path) == before
+
+
+def test_instruction_input_with_no_documents_publishes_nothing(tok, tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(InputError, match="no rows; no documents to write"):
+        preprocess(tok, tmp_path / "empty.jsonl", tmp_path / "out" / "sft", InstructionHandler(), workers=2)
+    assert contents(tmp_path) == {"empty.jsonl": b"", "out": None}
+
+
+def test_leftovers_of_a_killed_run_are_swept_by_the_next(tok, tmp_path, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    for leftover in (".x_output_document.bin.partial", ".x_output_document.idx.partial"):
+        (out / leftover).write_bytes(b"left by kill -9")
+    with caplog.at_level("WARNING", logger="mistral_fn.atomic"):
+        preprocess(tok, ALPACA, out / "x", PretrainHandler(("output",)))
+    assert sorted(contents(out)) == ["x_output_document.bin", "x_output_document.idx"]
+    assert sum("interrupted write" in r.getMessage() for r in caplog.records) == 2
+    assert len(read_docs(out / "x_output_document")) == len(ROWS)
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_earlier_dataset(tok, tmp_path):
+    rows = "".join(json.dumps({"text": f"row {i}: " + "lorem ipsum dolor " * 8}) + "\n" for i in range(3000))
+    (tmp_path / "big.jsonl").write_text(rows)
+    preprocess(tok, ALPACA, tmp_path / "out" / "x", PretrainHandler(("output",)))
+    before = contents(tmp_path)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails like a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(rows) // 2, limit[1]))
+    try:
+        with pytest.raises(OSError, match=r"\[Errno 27\] File too large: '.*/out/x_text_document.bin'"):
+            preprocess(tok, tmp_path / "big.jsonl", tmp_path / "out" / "x", PretrainHandler())
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert contents(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_kill_9_mid_write_leaves_only_what_the_next_run_sweeps(tok, tmp_path):
+    rows = "".join(json.dumps({"text": f"row {i}: lorem ipsum dolor sit amet"}) + "\n" for i in range(60_000))
+    (tmp_path / "big.jsonl").write_text(rows)
+    partial = tmp_path / "out" / ".big_text_document.bin.partial"
+    job = subprocess.Popen([sys.executable, "-m", "experiments.preprocess_data", f"--input={tmp_path}/big.jsonl",
+                            f"--output_prefix={tmp_path}/out/big", "--workers=2"], cwd=Path(__file__).parent.parent,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (partial.exists() and partial.stat().st_size > 0) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    job.kill()  # SIGKILL to the main process only; its workers must notice and exit
+    job.wait()
+    assert sorted(contents(tmp_path / "out")) == [partial.name]  # mid-write: nothing published
+    while time.monotonic() < deadline:  # no orphaned worker stays behind
+        try:
+            os.killpg(job.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(job.pid, signal.SIGKILL)
+        pytest.fail("worker processes outlived their killed parent")
+    summary = preprocess(tok, tmp_path / "big.jsonl", tmp_path / "out" / "big", PretrainHandler())
+    assert summary.documents == 60_000
+    assert sorted(contents(tmp_path / "out")) == ["big_text_document.bin", "big_text_document.idx"]
+    last = [1] + tok.encode("row 59999: lorem ipsum dolor sit amet")
+    assert read_docs(tmp_path / "out" / "big_text_document")[-1] == last
+
+
+def test_modellink_tokenizer_flags(tmp_path):
+    from absl import flags
+    from absl.testing import flagsaver
+    from experiments.preprocess_data import config_from_flags
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "tokenizer.json").write_text("{}")
+    base = ["prog", f"--input={ALPACA}", f"--output_prefix={tmp_path}/x"]
+
+    def parse(*args):
+        with flagsaver.flagsaver():
+            flags.FLAGS.unparse_flags()
+            flags.FLAGS([*base, *args])
+            return config_from_flags()
+
+    for args, message in [
+        (["--tokenizer_type=GPT2BPETokenizer", f"--tokenizer_name_or_path={hf_dir}"],
+         "--tokenizer_type=GPT2BPETokenizer: only PretrainedFromHF is supported"),
+        (["--tokenizer_type=PretrainedFromHF"], "--tokenizer_type=PretrainedFromHF needs --tokenizer_name_or_path"),
+        (["--tokenizer_type=PretrainedFromHF", f"--tokenizer_name_or_path={hf_dir}"],
+         f"{hf_dir}: no tokenizer.model in this directory .*its tokenizer.json, a fast tokenizer, cannot replace it"),
+    ]:
+        with pytest.raises(InputError, match=message) as caught:
+            parse(*args)
+        one_line(caught.value)
+    shutil.copy(default_tokenizer_path(), hf_dir / "tokenizer.model")
+    cfg = parse("--tokenizer_type=PretrainedFromHF", f"--tokenizer_name_or_path={hf_dir}", "--tokenizer_not_use_fast",
+                "--append_eod", "--handler_name=GeneralInstructionHandler", "--workers=4", "--log_interval=1000")
+    assert cfg.tokenizer.model_file == str(hf_dir / "tokenizer.model") and cfg.workers == 4
+    assert cfg.handler == InstructionHandler(append_eod=True)
+    assert contents(tmp_path) == {"hf": None, "hf/tokenizer.json": b"{}",
+                                  "hf/tokenizer.model": Path(default_tokenizer_path()).read_bytes()}

@@ -125,12 +125,18 @@ def test_finetune_from_megatron_checkpoint_starts_at_step_0_and_loss_falls(tmp_p
 FLAGFILE_PROBE = """
 import json, torch
 from absl import flags
-from experiments import pretrain as script
-flags.FLAGS(["pretrain", "--flagfile=experiments/recipes/finetune_tp8.flags"])
-sched, _ = script.schedule_and_optimizer()
-print(json.dumps({"config": script.model_config().to_hf(), "mesh": script.check_flags(world=8),
-                  "lr": [float(sched(torch.tensor(s))) for s in (0, 10, 20, 2000)],
-                  "on": [flags.FLAGS.finetune, flags.FLAGS.is_instruction_dataset, flags.FLAGS.bf16]}))
+import mistral_fn as mf
+from experiments import cli, pretrain as script
+from experiments.training import schedule_and_optimizer
+flags.FLAGS(cli.normalize_argv(["pretrain", "--flagfile=experiments/recipes/finetune_tp8.flags"]))
+config = script.config_from_flags()
+sched, _ = schedule_and_optimizer(config)
+model = config.arch.check(mf.MistralConfig.mistral_7b_instruct_v0_2(), "the HF config")
+print(json.dumps({"config": model.to_hf(), "mesh": config.mesh_shape(8),
+                  "lr": [float(sched(torch.tensor(s))) for s in (0, 5, 10, 1000)],
+                  "on": [config.finetune, config.is_instruction_dataset, config.precision, config.no_load_optim,
+                         config.sequence_parallel, config.distributed_optimizer, config.eval_iters],
+                  "paths": [config.load, config.save, config.data_path, config.tokenizer]}))
 """
 
 
@@ -139,6 +145,9 @@ def test_7b_flagfiles_parse_into_the_seed_recipe():
     done = subprocess.run([sys.executable, "-c", FLAGFILE_PROBE], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.splitlines()[-1])
-    assert got["config"] == mf.MistralConfig.mistral_7b_instruct_v0_2().to_hf() and got["mesh"] == [8, 1]
-    assert got["lr"] == pytest.approx([0.0, 6.25e-7, 1.25e-6, 1.25e-7])  # warmup: 0.01 x 2000 = 20 steps
-    assert got["on"] == [True, True, True]
+    want = mf.MistralConfig.mistral_7b_instruct_v0_2().replace(sliding_window=4096)  # --sliding-window 4096
+    assert got["config"] == want.to_hf() and got["mesh"] == {"dp": 1, "tp": 8}
+    assert got["lr"] == pytest.approx([0.0, 6.25e-7, 1.25e-6, 1.25e-7])  # warmup: 0.01 x 1000 = 10 steps
+    assert got["on"] == [True, True, "bf16", True, True, True, 0]
+    assert got["paths"] == ["./ckpt/Mistral-7B-Instruct-v0.2-tp8-pp1/", "./ckpt/Mistral-7B-Instruct-v0.2-sft-tp8-pp1/",
+                            "./finetune_dataset/Mistral-7B/alpaca", "./model_from_hf/Mistral-7B-Instruct-v0.2/"]

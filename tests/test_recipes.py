@@ -28,8 +28,10 @@ def test_every_recipe_has_a_script():
 @pytest.mark.slow
 @pytest.mark.parametrize("module, names", sorted(_by_module().items()))
 def test_flagfiles_parse(module, names):
-    code = ("import sys, importlib; from absl import flags; importlib.import_module(sys.argv[1]); "
-            "[flags.FLAGS(['prog', '--flagfile=experiments/recipes/' + n]) for n in sys.argv[2:]]; print('parsed')")
+    code = ("import sys, importlib; from absl import flags; from experiments import cli; "
+            "importlib.import_module(sys.argv[1]); "
+            "[flags.FLAGS(cli.normalize_argv(['prog', '--flagfile=experiments/recipes/' + n])) for n in sys.argv[2:]]; "
+            "print('parsed')")
     run = subprocess.run([sys.executable, "-c", code, module, *names], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0 and "parsed" in run.stdout, run.stderr[-1500:]
 

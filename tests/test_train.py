@@ -130,6 +130,50 @@ def test_non_finite_steps_are_skipped_counted_and_stop_after_n():
         step(state, bad)
 
 
+@pytest.mark.parametrize("donate", [False, True])
+def test_updates_that_make_params_non_finite_are_refused_counted_and_stop_after_n(donate):
+    params, batch = mf.init_params(CFG, seed=0), make_batch(2)
+    kept = pytree.tree_map(torch.clone, params)
+    huge = optim.adamw(1e39)  # finite gradients, but every update is ~1e39: inf in float32
+    step = train.make_train_step(loss(), huge, micro_batch_size=2, max_skipped=2, donate=donate)
+    state = train.init_train_state(params, huge)
+    state, m = step(state, batch)
+    assert m["skipped"] == 1 and math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
+    assert int(state.skipped_in_row) == 1 and int(state.step) == 1 and int(state.opt_state.count) == 0
+    assert all(torch.equal(a, b) for a, b in zip(pytree.tree_leaves(state.params), pytree.tree_leaves(kept),
+                                                 strict=True))  # not one parameter changed, donated or not
+    assert donate or max_diff(state.opt_state.mu, pytree.tree_map(torch.zeros_like, params)) == 0
+    good = train.make_train_step(loss(), optim.adamw(1e-3), micro_batch_size=2, max_skipped=2, donate=donate)
+    state, m = good(state, batch)
+    assert m["skipped"] == 0 and int(state.skipped_in_row) == 0 and int(state.skipped_total) == 1
+    state, _ = step(state, batch)
+    with pytest.raises(train.DivergenceError, match="2 consecutive steps refused, the last for updates that make "
+                                                    "parameters non-finite") as caught:
+        step(state, batch)
+    assert "\n" not in str(caught.value)
+
+
+class PeerSaysBad:
+    """A stand-in tp group of 2 whose other rank reports a non-finite update (`all_reduce` "max")."""
+
+    size, rank = 2, 0
+
+    def all_reduce(self, x, op="sum"):
+        assert op == "max" and x.shape == ()
+        return torch.maximum(x, torch.ones_like(x))
+
+
+def test_update_check_is_exact_and_agrees_across_tp_ranks():
+    p = {"a": torch.tensor([3e38, 1.0]), "b": torch.tensor([100.0], dtype=torch.float16)}
+    ok = lambda u, tp=mf.SINGLE_DEVICE: bool(train.update_keeps_params_finite(p, u, tp))
+    assert ok({"a": torch.tensor([3e37, 1e38]), "b": torch.tensor([6e4])})  # 60100 < 65504, the fp16 max
+    assert not ok({"a": torch.tensor([5e37, 0.0]), "b": torch.tensor([0.0])})  # 3.5e38 is past float32's max
+    assert not ok({"a": torch.zeros(2), "b": torch.tensor([65504.0])})  # finite in float32, inf in the fp16 param
+    assert not ok({"a": torch.tensor([0.0, float("nan")]), "b": torch.tensor([0.0])})
+    assert not ok({"a": torch.zeros(2), "b": torch.zeros(1)}, PeerSaysBad())
+    assert torch.equal(p["a"], torch.tensor([3e38, 1.0]))  # params untouched
+
+
 def test_loss_decreases_on_tiny_model():
     params, batch = mf.init_params(CFG, seed=0), make_batch(4)
     sched = optim.warmup_cosine(1e-2, decay_steps=8, warmup_steps=1)

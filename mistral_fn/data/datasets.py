@@ -7,7 +7,8 @@ shifted (labels[t] is the token after tokens[t]) — Megatron's `get_batch` conv
 GPTDataset (pretraining, Megatron `GPTDataset`): a split's documents are concatenated in a shuffled
 order, one fresh permutation per epoch, and cut into `seq_length + 1`-token windows that overlap by one
 token (sample i covers stream positions [i*T, i*T + T]); tokens = x[:-1], labels = x[1:], loss_mask 1.
-The indices are built once per (data, split, seq_length, num_samples, seed) and cached as `.npy` files.
+The indices are built once per (data contents, split, seq_length, num_samples, seed) and cached
+(`mistral_fn.data.cache`).
 
 InstructionDataset (ModelLink `DecoderPackedMTFDataset`): one sample per example; tokens =
 input_ids[:-1], labels = labels[1:], cut to seq_length, right-padded with pad_id / -100; loss_mask =
@@ -16,17 +17,15 @@ labels != -100.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from mistral_fn.data.handlers import IGNORE_INDEX
+from mistral_fn.data.cache import cache_dirs, cached
 from mistral_fn.data.indexed import IndexedDataset
 from mistral_fn.errors import InputError
+from mistral_fn.vocab_parallel import IGNORE_INDEX
 
 SPLITS = ("train", "valid", "test")
 
@@ -90,34 +89,14 @@ def build_gpt_indices(lengths: np.ndarray, documents: np.ndarray, seq_length: in
             "shuffle_index": rng.permutation(num_samples).astype(np.int64)}
 
 
-def cached(cache_dir: str, kind: str, description: dict, build: Callable[[], dict[str, np.ndarray]]):
-    """Arrays from `<cache_dir>/<md5>-<kind>-<name>.npy` if complete, else built once and saved atomically.
-
-    `<md5>-<kind>-description.txt` is written last and marks a complete set; loads are memory-mapped.
-    """
-    text = json.dumps(description, sort_keys=True, indent=2)
-    stem = os.path.join(cache_dir, f"{hashlib.md5(text.encode()).hexdigest()}-{kind}")
-    marker = f"{stem}-description.txt"
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            names = json.load(f)["arrays"]
-        return {name: np.load(f"{stem}-{name}.npy", mmap_mode="r") for name in names}
-    arrays = build()
-    os.makedirs(cache_dir, exist_ok=True)
-    for name, array in arrays.items():
-        with open(f"{stem}-{name}.npy.tmp{os.getpid()}", "wb") as f:
-            np.save(f, array)
-        os.replace(f"{stem}-{name}.npy.tmp{os.getpid()}", f"{stem}-{name}.npy")
-    with open(f"{marker}.tmp{os.getpid()}", "w") as f:
-        f.write(json.dumps({**description, "arrays": sorted(arrays)}, sort_keys=True, indent=2))
-    os.replace(f"{marker}.tmp{os.getpid()}", marker)
-    return arrays
-
-
 class GPTDataset:
     """Pretraining samples from an indexed dataset `<prefix>.{bin,idx}` (see the module docstring).
 
-    The index cache defaults to `<prefix>/cache/GPTDataset_indices`, Megatron's location.
+    The indices are cached (`mistral_fn.data.cache`): beside the dataset in
+    `<prefix>/cache/GPTDataset_indices` (Megatron's place) when writable, else in the user cache
+    directory, or in `cache_dir` when given; keyed by the dataset's contents, so a dataset
+    re-preprocessed at the same prefix gets fresh indices. Every data-parallel rank may construct it
+    at once: one builds, the others wait for it and read.
     """
 
     def __init__(self, prefix: str, seq_length: int, *, num_samples: int | None = None, seed: int = 1234,
@@ -125,12 +104,12 @@ class GPTDataset:
         self.data = IndexedDataset(prefix)
         self.seq_length = seq_length
         documents = split_documents(self.data.num_documents, split, split_name, self.data.prefix)
-        description = {"prefix": os.path.abspath(self.data.prefix), "split": split, "split_name": split_name,
-                       "documents": [int(documents[0]), int(documents[-1]) + 1], "seq_length": seq_length,
-                       "num_samples": num_samples, "seed": seed}
+        description = {"kind": "GPTDataset", "data": self.data.fingerprint(), "split": split,
+                       "split_name": split_name, "documents": [int(documents[0]), int(documents[-1]) + 1],
+                       "seq_length": seq_length, "num_samples": num_samples, "seed": seed}
         lengths = self.data.document_lengths()
-        self.indices = cached(cache_dir or os.path.join(prefix, "cache", "GPTDataset_indices"), "GPTDataset",
-                              description, lambda: build_gpt_indices(lengths, documents, seq_length, num_samples, seed))
+        self.indices = cached(cache_dirs(prefix, "GPTDataset", cache_dir), description,
+                              lambda: build_gpt_indices(lengths, documents, seq_length, num_samples, seed))
 
     def __len__(self) -> int:
         return len(self.indices["shuffle_index"])
@@ -152,7 +131,9 @@ class GPTDataset:
 class InstructionDataset:
     """Fine-tuning samples from `<prefix>_packed_{input_ids,labels}_document` (see the module docstring).
 
-    Documents are served in one fresh shuffle per epoch for `num_samples` (default: one epoch).
+    Documents are served in one fresh shuffle per epoch for `num_samples` (default: one epoch). The
+    order is a permutation of the document ids, recomputed at construction (milliseconds, never
+    cached), so it cannot go stale.
     """
 
     def __init__(self, prefix: str, seq_length: int, pad_id: int, *, num_samples: int | None = None,

@@ -20,8 +20,7 @@ import numpy as np
 from mistral_fn.data.sources import parse_row
 from mistral_fn.errors import InputError
 from mistral_fn.tokenizer import ALPACA_TRAINING, InstructionTemplate, Tokenizer
-
-IGNORE_INDEX = -100
+from mistral_fn.vocab_parallel import IGNORE_INDEX
 
 
 def row_text(row: dict, key: str, allow_empty: bool = False) -> str:

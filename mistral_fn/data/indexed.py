@@ -10,11 +10,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import struct
 
 import numpy as np
 
+from mistral_fn.atomic import partial_path, sweep
 from mistral_fn.errors import InputError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -44,9 +47,13 @@ def encode_index(sequence_lengths, document_indices, dtype) -> bytes:
 class IndexedDatasetWriter:
     """Appends token sequences and document boundaries; `finalize` publishes `<prefix>.{bin,idx}`.
 
-    Everything is written under `<file>.tmp` names; `commit` renames the `.bin` then the `.idx`, so a
-    visible `.idx` always has its complete `.bin`. `abort` (or leaving a `with` block by an exception)
-    removes the temporaries. Use `finish` + `commit` to publish several datasets only once all are written.
+    Both files are written under `mistral_fn.atomic`'s deterministic partial names
+    (`.<name>.bin.partial`, `.<name>.idx.partial`), which the next writer of the same prefix sweeps with
+    a log line: a full disk or kill -9 leaves nothing the next run keeps. `commit` removes the old
+    `.idx` first, then renames the `.bin` and the `.idx` into place, so a visible `.idx` always has its
+    own complete `.bin`. `abort` (or leaving a `with` block by an exception) removes the partial files.
+    Use `finish` + `commit` to publish several datasets only once all are written. An `OSError` from
+    writing names the file.
     """
 
     def __init__(self, prefix: str | os.PathLike, dtype=np.int32):
@@ -56,7 +63,9 @@ class IndexedDatasetWriter:
                              f"{', '.join(str(np.dtype(t)) for t in DTYPE_CODES.values())}")
         self.bin_path, self.idx_path = paths(prefix)
         os.makedirs(os.path.dirname(os.path.abspath(self.bin_path)), exist_ok=True)
-        self._bin = open(self.bin_path + ".tmp", "wb")
+        for path in (self.bin_path, self.idx_path):
+            sweep(path)
+        self._bin = open(partial_path(self.bin_path), "wb")
         self.sequence_lengths: list[int] = []
         self.document_indices: list[int] = [0]
         self._limits = np.iinfo(self.dtype) if self.dtype.kind in "iu" else None
@@ -67,7 +76,8 @@ class IndexedDatasetWriter:
         if self._limits is not None and array.size and (array.min() < self._limits.min
                                                         or array.max() > self._limits.max):
             raise InputError(f"{self.bin_path}: values [{array.min()}, {array.max()}] do not fit {self.dtype}")
-        self._bin.write(array.astype(self.dtype, copy=False).tobytes())
+        with _naming(self.bin_path):
+            self._bin.write(array.astype(self.dtype, copy=False).tobytes())
         self.sequence_lengths.append(int(array.size))
 
     def end_document(self) -> None:
@@ -79,24 +89,32 @@ class IndexedDatasetWriter:
         self.end_document()
 
     def finish(self) -> None:
-        """Close the data and write the index, both still under temporary names."""
-        self._bin.close()
-        with open(self.idx_path + ".tmp", "wb") as f:
+        """Flush the data and write the index, both to disk, still under their partial names."""
+        with _naming(self.bin_path):
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+            self._bin.close()
+        with _naming(self.idx_path), open(partial_path(self.idx_path), "wb") as f:
             f.write(encode_index(self.sequence_lengths, self.document_indices, self.dtype))
+            f.flush()
+            os.fsync(f.fileno())
 
     def commit(self) -> None:
-        os.replace(self.bin_path + ".tmp", self.bin_path)
-        os.replace(self.idx_path + ".tmp", self.idx_path)
+        if os.path.exists(self.idx_path):
+            os.remove(self.idx_path)
+        os.replace(partial_path(self.bin_path), self.bin_path)
+        os.replace(partial_path(self.idx_path), self.idx_path)
 
     def finalize(self) -> None:
         self.finish()
         self.commit()
 
     def abort(self) -> None:
-        self._bin.close()
-        for path in (self.bin_path + ".tmp", self.idx_path + ".tmp"):
-            if os.path.exists(path):
-                os.remove(path)
+        with contextlib.suppress(OSError):  # a full disk may fail the close's flush too
+            self._bin.close()
+        for path in (self.bin_path, self.idx_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial_path(path))
 
     def __enter__(self):
         return self
@@ -106,6 +124,17 @@ class IndexedDatasetWriter:
             self.finalize()
         else:
             self.abort()
+
+
+@contextlib.contextmanager
+def _naming(path: str):
+    """Re-raise an `OSError` without a file name (a failed write, e.g. a full disk) as one naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, path) from None
 
 
 class IndexedDataset:
@@ -151,6 +180,18 @@ class IndexedDataset:
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)
+
+    def fingerprint(self) -> dict:
+        """What an index built over this dataset depends on, to key caches: the `.idx`'s sha256 and
+        size, the `.bin`'s size, and both modification times (ns)."""
+        digest = hashlib.sha256()
+        bin_path, idx_path = paths(self.prefix)
+        with open(idx_path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+        idx, data = os.stat(idx_path), os.stat(bin_path)
+        return {"idx_sha256": digest.hexdigest(), "idx_bytes": idx.st_size, "bin_bytes": data.st_size,
+                "idx_mtime_ns": idx.st_mtime_ns, "bin_mtime_ns": data.st_mtime_ns}
 
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens `offset : offset + length` of sequence i (a view)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import re
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from mistral_fn.errors import InputError
+from mistral_fn.sampling import check_logits
 from mistral_fn.tokenizer import Tokenizer, encode_prompt
 
 CHOICES = ("A", "B", "C", "D")
@@ -69,10 +71,21 @@ class Question:
 # ---- data -----------------------------------------------------------------------------------------
 
 def read_csv(path: Path, subject: str) -> list[Question]:
-    """The questions of a header-less MMLU CSV; a malformed row raises `InputError` naming file and line."""
+    """The questions of a header-less MMLU CSV (UTF-8, an optional BOM). A file that cannot be read, is
+    not UTF-8 or holds a malformed row raises `InputError` naming the file and line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}: line {line}: not UTF-8 (byte {e.start} is {data[e.start]:#04x}); "
+                         "save the file as UTF-8") from None
     questions = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
         for row in reader:
             if not row:
                 continue
@@ -83,6 +96,8 @@ def read_csv(path: Path, subject: str) -> list[Question]:
             if answer not in CHOICES:
                 raise InputError(f"{where}: answer {row[5]!r} is not one of A, B, C, D")
             questions.append(Question(subject, len(questions), row[0], tuple(row[1:5]), answer))
+    except csv.Error as e:
+        raise InputError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
     if not questions:
         raise InputError(f"{path}: no questions")
     return questions
@@ -94,7 +109,7 @@ def load_mmlu(data_path: str | Path, num_fewshot: int) -> tuple[dict[str, list[Q
     data_path = Path(data_path)
     if not data_path.is_dir():
         raise InputError(f"{data_path}: MMLU data directory not found")
-    files = sorted(data_path.glob("*_test.csv"))
+    files = sorted(f for f in data_path.glob("*_test.csv") if f.is_file())
     if not files:
         raise InputError(f"{data_path}: no <subject>_test.csv files")
     test, dev = {}, {}
@@ -217,8 +232,9 @@ def evaluate(logits_fn: Callable[[list[list[int]]], torch.Tensor], tokenizer: To
              protocol: str, max_len: int, chat_template: str | None = "mistral", batch_size: int = 1,
              progress: bool = False) -> dict:
     """Score every question of `test` (`load_mmlu`), `batch_size` prompts per `logits_fn` call
-    (prompt ids → next-token logits `[B, V]`, e.g. `generate.next_token_logits`). Returns `aggregate`'s
-    numbers plus `predictions` (one dict per question, in subject then row order)."""
+    (prompt ids → next-token logits `[B, V]`, e.g. `generate.next_token_logits`; non-finite ones raise
+    `InputError`). Returns `aggregate`'s numbers plus `predictions` (one dict per question, in subject
+    then row order)."""
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown MMLU protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
     if batch_size < 1:
@@ -230,6 +246,7 @@ def evaluate(logits_fn: Callable[[list[list[int]]], torch.Tensor], tokenizer: To
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
             logits = logits_fn([ids for _, ids, _, _ in batch])
+            check_logits(logits)  # NaN logits would score as answer "A" or a regex miss, silently
             for (q, _, shots, text), row in zip(batch, logits):
                 result = score(protocol, tokenizer, row, text)
                 predictions.append({"subject": q.subject, "index": q.index, "answer": q.answer, **result,

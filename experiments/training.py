@@ -1,0 +1,443 @@
+"""The training run behind `experiments.pretrain`: a frozen `TrainConfig` and `train(config, mesh)`.
+
+    config = TrainConfig(model="tiny", train_iters=20, save="workdir/tiny")
+    summary = train(config, sharding.Mesh({"dp": 1, "tp": 1}))
+
+One process per mesh rank (`torchrun`); the mesh is `{dp: world / tp, tp: tensor_model_parallel_size}`. The
+model comes from `load` (HF, Megatron or native; architecture flags are checked against it) or from a
+preset; data from an indexed dataset or, without `data_path`, uniform random tokens from a seeded generator
+(its state is saved in checkpoints). A native `load` resumes everything unless `finetune`
+(parameters only, step 0) or `no_load_optim` / `no_load_rng`; a Megatron `load` resumes its iteration unless
+`finetune`, as Megatron does. Metrics go to `metrics_file` (default `<save>/metrics.jsonl`) as JSON lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils import _pytree as pytree
+
+import checkpoints
+import mistral_fn as mf
+import sharding
+from checkpoints import native
+from experiments.architecture import Architecture
+from mistral_fn import optim, train as mf_train
+from mistral_fn.data import GPTDataset, InstructionDataset, iterate_batches
+from mistral_fn.errors import CheckpointError, ConfigError, DivergenceError
+from mistral_fn.params import INIT_STD, cast, leaves_with_paths, map_with_path
+from mistral_fn.tokenizer import load_tokenizer
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run reads, in Megatron's terms (the flags of `experiments.pretrain`)."""
+
+    # model: a preset and architecture flags when nothing is loaded; else checked against `load`
+    model: str = "tiny"
+    arch: Architecture = Architecture()
+    make_vocab_size_divisible_by: int = 1
+    init_method_std: float = INIT_STD
+    # parallelism
+    tensor_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    # batches
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seq_length: int = 128
+    train_iters: int = 20
+    # optimizer and schedule
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"
+    lr_warmup_fraction: float = 0.0
+    lr_decay_iters: int | None = None
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # 0: no clipping
+    # numerics
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (float32 master weights under both)
+    initial_loss_scale: float = 2.0**16
+    recompute: bool = False
+    loss_chunk_size: int | None = 4096
+    max_skipped_steps: int = 10
+    # data
+    data_path: str | None = None
+    split: str = "969,30,1"
+    is_instruction_dataset: bool = False
+    tokenizer: str | None = None  # tokenizer.model or an HF directory: pad id, vocab check
+    # checkpoints
+    load: str | None = None
+    finetune: bool = False
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    save: str | None = None
+    save_interval: int | None = None
+    save_format: str = "native"  # native | megatron (also a ModelLink model checkpoint under <save>/megatron)
+    keep_last: int | None = None
+    exit_interval: int | None = None
+    # evaluation and logging
+    eval_interval: int | None = None
+    eval_iters: int = 2
+    seed: int = 1234
+    log_interval: int = 1
+    metrics_file: str | None = None
+    peak_tflops: float | None = None
+
+    def __post_init__(self):
+        positive = ("tensor_model_parallel_size", "micro_batch_size", "global_batch_size", "seq_length", "log_interval",
+                    "max_skipped_steps", "make_vocab_size_divisible_by")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name}={getattr(self, name)} must be >= 1")
+        for name in ("train_iters", "eval_iters"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name}={getattr(self, name)} must be >= 0")
+        for name in ("save_interval", "exit_interval", "eval_interval", "keep_last", "lr_decay_iters",
+                     "loss_chunk_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name}={value} must be >= 1 (or unset)")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.save_format not in ("native", "megatron"):
+            raise ConfigError(f"--save_format={self.save_format!r}: expected native or megatron")
+        if self.finetune and not self.load:
+            raise ConfigError("--finetune needs --load")
+        if self.is_instruction_dataset and not self.data_path:
+            raise ConfigError("--is_instruction_dataset needs --data_path")
+        if (self.save_interval or self.exit_interval or self.keep_last) and not self.save:
+            raise ConfigError("--save_interval/--exit_interval/--keep_last need --save")
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        return PRECISIONS[self.precision]
+
+    def mesh_shape(self, world_size: int) -> dict[str, int]:
+        """`{"dp": world / tp, "tp": tp}`, or `ConfigError` when the batch does not split over it."""
+        tp = self.tensor_model_parallel_size
+        if world_size % tp:
+            raise ConfigError(f"--tensor_model_parallel_size={tp} does not divide WORLD_SIZE={world_size}")
+        dp = world_size // tp
+        if self.global_batch_size % (self.micro_batch_size * dp):
+            raise ConfigError(f"--global_batch_size={self.global_batch_size} is not divisible by micro_batch_size x dp "
+                              f"= {self.micro_batch_size} x {dp}")
+        return {"dp": dp, "tp": tp}
+
+
+# ---- the model and where the run starts ---------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """Where a run starts: the model config, full float32 params (None: a native resume fills them), and the
+    step / consumed samples to resume from."""
+
+    model: mf.MistralConfig
+    params: dict | None
+    step: int = 0
+    consumed_samples: int = 0
+
+
+def starting_point(config: TrainConfig) -> Start:
+    """Resolve `config.load` (or the preset) into the model config and initial parameters."""
+    if not config.load:
+        model = config.arch.define(mf.MistralConfig.preset(preset_name(config.model)))
+        model = model.replace(max_seq_len=max(model.max_seq_len, config.seq_length))
+        params = mf.init_params(model, seed=config.seed)
+        if config.init_method_std != INIT_STD:
+            scale = config.init_method_std / INIT_STD
+            params = map_with_path(lambda p, x: x * scale if x.dim() > 1 else x, params)
+        return Start(model, params)
+    path = Path(config.load)
+    if native.is_native(path):
+        stored = mf.MistralConfig.from_hf(native.read_metadata(path)["extra"]["config"])
+        return Start(config.arch.check(stored, str(path)), None)
+    from checkpoints.lazy import materialize
+    from checkpoints.megatron import TRACKER, read_megatron
+    if (path / TRACKER).is_file():
+        hf = _hf_config_for(config)
+        stored, source, lazy = read_megatron(path, hf=hf, rotary_base=config.arch.rotary_base)
+        model = config.arch.check(stored, str(path))
+        params = cast(materialize(lazy), torch.float32)
+        if config.finetune or source.iteration == "release":
+            return Start(model, params)
+        return Start(model, params, int(source.iteration), int(getattr(source.args, "consumed_train_samples", 0) or 0))
+    stored, params = checkpoints.load_hf(path, dtype=torch.float32)
+    return Start(config.arch.check(stored, str(path)), params)
+
+
+def _hf_config_for(config: TrainConfig) -> mf.MistralConfig | None:
+    """An HF config that supplies what ModelLink's Megatron args lack (the rope base): `--rotary_base`, else the
+    config.json beside the tokenizer (the seed passes the HF model directory as the tokenizer)."""
+    if config.tokenizer and (Path(config.tokenizer) / "config.json").is_file():
+        return mf.MistralConfig.from_hf(config.tokenizer)
+    return None
+
+
+def preset_name(name: str) -> str:
+    """The preset called `name`, in any spelling (`mistral_7b_instruct_v0_2` is `mistral-7b-instruct-v0.2`)."""
+    key = lambda s: s.lower().replace("-", "").replace("_", "").replace(".", "")  # noqa: E731
+    names = {key(n): n for n in mf.PRESETS}
+    if key(name) not in names:
+        raise ConfigError(f"--model={name!r}: expected one of {', '.join(sorted(mf.PRESETS))}")
+    return names[key(name)]
+
+
+# ---- data --------------------------------------------------------------------------------------------
+
+class Data:
+    """Global batches for this dp rank: `[n_micro * micro_batch_size, T]` per key, resumable."""
+
+    def __init__(self, config: TrainConfig, model: mf.MistralConfig, split_name: str, num_samples: int,
+                 dp_rank: int, dp_size: int):
+        self.config, self.model, self.dp_rank, self.dp_size = config, model, dp_rank, dp_size
+        self.dataset = None
+        if config.data_path:
+            if config.is_instruction_dataset:
+                pad = load_tokenizer(config.tokenizer).pad_id if config.tokenizer else model.eos_id
+                self.dataset = InstructionDataset(config.data_path, config.seq_length, pad, num_samples=num_samples,
+                                                  seed=config.seed, split=config.split, split_name=split_name)
+            else:
+                self.dataset = GPTDataset(config.data_path, config.seq_length, num_samples=num_samples,
+                                          seed=config.seed, split=config.split, split_name=split_name)
+
+    def batches(self, consumed_samples: int, generator: torch.Generator):
+        c = self.config
+        n_micro = c.global_batch_size // (c.micro_batch_size * self.dp_size)
+        if self.dataset is None:
+            while True:
+                x = torch.randint(0, self.model.vocab_size, (c.global_batch_size, c.seq_length + 1),
+                                  generator=generator)
+                mine = x.view(n_micro, self.dp_size, c.micro_batch_size, -1)[:, self.dp_rank].flatten(0, 1)
+                yield {"tokens": mine[:, :-1], "labels": mine[:, 1:], "loss_mask": torch.ones_like(mine[:, 1:])}
+        micro = iterate_batches(self.dataset, c.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
+                                consumed_samples=consumed_samples)
+        while True:
+            group = [next(micro, None) for _ in range(n_micro)]
+            if group[-1] is None:
+                return
+            yield {k: torch.cat([g[k] for g in group]) for k in group[0]}
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+
+def model_flops_per_token(model: mf.MistralConfig, seq: int) -> float:
+    """6 x matmul params (embedding lookup excluded) + causal attention 6 L T D (PaLM appendix B, halved)."""
+    n = mf.count_params(mf.init_params(model, device="meta")) - model.vocab_size * model.dim
+    return 6.0 * n + 6.0 * model.n_layers * seq * model.n_heads * model.head_dim
+
+
+def schedule_and_optimizer(config: TrainConfig):
+    decay_iters = config.lr_decay_iters or config.train_iters
+    sched = optim.warmup_decay(config.lr, decay_iters, config.lr_warmup_fraction * decay_iters, config.min_lr,
+                               config.lr_decay_style)
+    return sched, optim.adamw(sched, config.adam_beta1, config.adam_beta2, config.adam_eps, config.weight_decay,
+                              mask=optim.decay_mask)
+
+
+def train(config: TrainConfig, mesh: sharding.Mesh, log: "Logger | None" = None) -> dict:
+    """Run `config` on this rank of `mesh`; returns the summary record (also logged).
+
+    Raises `DivergenceError` (after saving nothing more) when the run ends on non-finite steps: the newest
+    checkpoint is then the last finite one.
+    """
+    shape = config.mesh_shape(mesh.size)
+    if {axis: mesh.shape.get(axis, 1) for axis in shape} != shape:
+        raise ConfigError(f"the mesh {mesh.shape} does not match the run's {shape}")
+    tp_size, dp_size = shape["tp"], shape["dp"]
+    rank, tp_rank, dp_rank = mesh.rank, mesh.coords.get("tp", 0), mesh.coords.get("dp", 0)
+    dp = sharding.GroupTP(mesh.group("dp")) if dp_size > 1 else mf.SINGLE_DEVICE
+    barrier = dist.barrier if mesh.size > 1 else None
+
+    start = starting_point(config)
+    model = start.model
+    padded = sharding.validate_tp(model, tp_size, config.make_vocab_size_divisible_by)
+    if config.tokenizer:
+        vocab = load_tokenizer(config.tokenizer).vocab_size
+        if vocab > model.vocab_size:
+            raise ConfigError(f"the tokenizer {config.tokenizer} has {vocab} pieces but the model's vocab_size is "
+                              f"{model.vocab_size}")
+    rules = sharding.mistral_rules(model, config.make_vocab_size_divisible_by)
+    specs = sharding.match(mf.init_params(model, device="meta"), rules)
+    sharded_paths = {p for p, s in leaves_with_paths(specs, is_leaf=lambda x: isinstance(x, sharding.PartitionSpec))
+                     if any(a is not None for a in s.axes)}
+    sched, opt = schedule_and_optimizer(config)
+    loss_scale = optim.dynamic_loss_scale(config.initial_loss_scale) if config.precision == "fp16" else None
+    loss = functools.partial(mf.loss_fn, config=model, tp=mesh.tp, recompute=config.recompute,
+                             chunk_size=config.loss_chunk_size)
+    step_fn = mf_train.make_train_step(loss, opt, micro_batch_size=config.micro_batch_size, dp=dp, tp=mesh.tp,
+                                       sharded_paths=sharded_paths, max_grad_norm=config.clip_grad or None,
+                                       compute_dtype=config.compute_dtype, loss_scale=loss_scale, schedule=sched,
+                                       max_skipped=config.max_skipped_steps, donate=True)
+
+    full = start.params if start.params is not None else mf.init_params(model, device="meta")
+    local = sharding.shard(full, specs, {"tp": tp_size}, {"tp": tp_rank})
+    params = pytree.tree_map(lambda x: x.to(mesh.device), local) if start.params is not None else \
+        pytree.tree_map(lambda x: torch.zeros(x.shape, dtype=torch.float32, device=mesh.device), local)
+    del full, local
+    state = mf_train.init_train_state(params, opt, loss_scale=loss_scale)
+    state = state._replace(step=torch.tensor(start.step), consumed_samples=torch.tensor(start.consumed_samples))
+    ckpt = {"train": state, "rng": torch.Generator().manual_seed(config.seed).get_state()}
+    if start.params is None:
+        ckpt = _resume_native(config, ckpt, rank, tp_size, dp_size)
+    state = ckpt["train"]
+    first_step = int(state.step)
+    generator = torch.Generator()
+    generator.set_state(ckpt["rng"])
+
+    log = log or Logger(rank == 0, _metrics_path(config))
+    pending = [name for name in ("sequence_parallel", "distributed_optimizer", "overlap_grad_reduce")
+               if getattr(config, name)]
+    if pending:
+        log.text(f"note: {', '.join(pending)} accepted but not active in this build (plain TP x DP runs)")
+    log.text(f"model {config.model if not config.load else config.load}: "
+             f"{mf.count_params(mf.init_params(model, device='meta')):,} params (vocab padded to {padded}); "
+             f"mesh {mesh.shape} on {mesh.device}; steps {first_step}..{config.train_iters}")
+
+    def save(step: int) -> None:
+        tree = {"train": state, "rng": generator.get_state()}
+        extra = {"tp": tp_size, "dp": dp_size, "config": model.to_hf()}
+        path = native.save_native(config.save, step, tree, extra=extra, rank=rank, world_size=mesh.size,
+                                  keep=config.keep_last, barrier=barrier)
+        if config.save_format == "megatron":
+            save_megatron_copy(config, model, state.params, specs, rank, mesh)
+        log.text(f"saved {path}")
+
+    data = Data(config, model, "train", config.train_iters * config.global_batch_size, dp_rank, dp_size)
+    valid = Data(config, model, "valid", config.eval_iters * config.global_batch_size, dp_rank, dp_size) \
+        if config.eval_interval and config.eval_iters else None
+    flops_token = model_flops_per_token(model, config.seq_length)
+    tokens_step = config.global_batch_size * config.seq_length
+    batches = data.batches(int(state.consumed_samples), generator)
+    tick, step, m, speeds = time.perf_counter(), first_step, {}, []
+    while step < config.train_iters:
+        batch = next(batches, None)
+        if batch is None:
+            log.text(f"data exhausted after {step} steps")
+            break
+        state, m = step_fn(state, {k: v.to(mesh.device) for k, v in batch.items()})
+        step += 1
+        if step % config.log_interval == 0 or step == config.train_iters:
+            now = time.perf_counter()
+            tps = tokens_step * config.log_interval / (now - tick) if step % config.log_interval == 0 else float("nan")
+            tick = now
+            speeds.append(tps)
+            record = {"step": step, **m, "tokens_per_sec": tps,
+                      "tflops_per_device": tps * flops_token / mesh.size / 1e12}
+            if config.peak_tflops:
+                record["mfu"] = record["tflops_per_device"] / config.peak_tflops
+            log.metrics(record)
+        if valid and step % config.eval_interval == 0:
+            log.metrics({"step": step, "val_loss": evaluate(config, loss, state.params, valid, dp, mesh.device)})
+        stop = bool(config.exit_interval) and step % config.exit_interval == 0
+        wants_save = (config.save_interval and step % config.save_interval == 0) or stop or step == config.train_iters
+        if config.save and wants_save and not m.get("skipped"):
+            save(step)
+        if stop:
+            log.text(f"exit_interval: stopping after step {step}")
+            break
+    summary = {"summary": True, "steps": step, "start_step": first_step, "final_loss": m.get("loss"),
+               "skipped_total": int(state.skipped_total), "consumed_samples": int(state.consumed_samples),
+               "mean_tokens_per_sec": sum(speeds) / max(len(speeds), 1)}
+    log.metrics(summary)
+    if m.get("skipped"):
+        kept = native.latest_step(config.save) if config.save else None
+        raise DivergenceError(f"training ended on {int(state.skipped_in_row)} non-finite step(s) in a row (loss "
+                              f"{m['loss']}); nothing was saved for them"
+                              + (f"; {config.save}/latest is the last finite checkpoint, step {kept}" if kept else ""))
+    return summary
+
+
+def _resume_native(config: TrainConfig, ckpt: dict, rank: int, tp_size: int, dp_size: int) -> dict:
+    """`ckpt` restored from the native checkpoint `config.load` (its optimizer/RNG kept fresh where asked)."""
+    meta = native.read_metadata(config.load, rank=rank)
+    if (meta["extra"].get("tp"), meta["extra"].get("dp")) != (tp_size, dp_size):
+        raise CheckpointError(f"{config.load}: saved with tp={meta['extra'].get('tp')}, dp={meta['extra'].get('dp')}; "
+                              f"this run has tp={tp_size}, dp={dp_size}")
+    loaded, _ = native.load_native(config.load, ckpt, rank=rank)
+    fresh = ckpt["train"]
+    if config.finetune:
+        return {**ckpt, "train": fresh._replace(params=loaded["train"].params)}
+    state = loaded["train"]
+    if config.no_load_optim:
+        state = state._replace(opt_state=fresh.opt_state, loss_scale=fresh.loss_scale)
+    return {"train": state, "rng": ckpt["rng"] if config.no_load_rng else loaded["rng"]}
+
+
+def evaluate(config: TrainConfig, loss, params, data: Data, dp, device) -> float:
+    """Mean validation loss over the split's first `eval_iters` global batches (the same every time)."""
+    params = cast(params, config.compute_dtype) if config.compute_dtype is not None else params
+    losses = []
+    with torch.no_grad():
+        for batch in itertools.islice(data.batches(0, torch.Generator().manual_seed(config.seed + 1)),
+                                      config.eval_iters):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            losses += [loss(params, mb) for mb in mf_train.split_micro_batches(batch, config.micro_batch_size)]
+    return float(dp.all_reduce(torch.stack(losses).mean(), "sum") / dp.size)
+
+
+def save_megatron_copy(config: TrainConfig, model: mf.MistralConfig, params, specs, rank: int, mesh) -> None:
+    """Gather the full params (over tp) and let rank 0 write a ModelLink checkpoint to `<save>/megatron`."""
+    from checkpoints.megatron import save_megatron
+    tp_size = mesh.shape.get("tp", 1)
+    full = params
+    if tp_size > 1:
+        leaves, treedef = pytree.tree_flatten(params)
+        gathered = []
+        for x in leaves:
+            parts = [torch.empty_like(x) for _ in range(tp_size)]
+            dist.all_gather(parts, x.contiguous(), group=mesh.group("tp"))
+            gathered.append(parts)
+        pieces = [pytree.tree_unflatten([g[t] for g in gathered], treedef) for t in range(tp_size)]
+        full = sharding.unshard(pieces, specs, {"tp": tp_size})
+    if rank == 0:
+        dtype = config.compute_dtype or torch.float32
+        save_megatron(Path(config.save) / "megatron", model, full, tp=tp_size, pp=1, dtype=dtype,
+                      make_vocab_size_divisible_by=config.make_vocab_size_divisible_by, overwrite=True)
+    if mesh.size > 1:
+        dist.barrier()
+
+
+def _metrics_path(config: TrainConfig) -> Path | None:
+    if config.metrics_file:
+        return Path(config.metrics_file)
+    return Path(config.save) / "metrics.jsonl" if config.save else None
+
+
+class Logger:
+    """Rank 0 prints one line per record and appends it to `path` (if any) as JSON."""
+
+    def __init__(self, enabled: bool, path: Path | None):
+        self.enabled, self.path = enabled, path
+        if enabled and path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def text(self, line: str):
+        if self.enabled:
+            print(line, flush=True)
+
+    def metrics(self, record: dict):
+        if not self.enabled:
+            return
+        print(" | ".join(f"{k} {_fmt(v)}" for k, v in record.items()), flush=True)
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _fmt(v):
+    return f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else str(v)
