@@ -33,7 +33,7 @@ about half the peak memory, and only under it does per-layer recomputation (`los
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Collection, NamedTuple, Protocol
+from typing import Any, Callable, Collection, NamedTuple
 
 import torch
 from torch.utils import _pytree as pytree

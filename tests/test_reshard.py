@@ -111,13 +111,14 @@ def test_gather_and_as_tree_name_the_culprit(trained):
     layout = LAYOUTS["tp2"]
     ranks = [sh.scatter_state(trained, layout, c, RULES) for c in layout.all_coords()]
     ranks[1]["step"] = ranks[1]["step"] + 1
-    with pytest.raises(ConfigError, match=r"^step: differs between ranks \{'dp': 0, 'tp': 0\} and \{'dp': 0, 'tp': 1\}"):
+    with pytest.raises(ConfigError, match=r"^step: differs between ranks \{'dp': 0, 'tp': 0\} and "
+                                          r"\{'dp': 0, 'tp': 1\}"):
         sh.gather_state([ranks], layout, RULES)
     with pytest.raises(ConfigError, match="expected a list of 2 pieces along a mesh axis, got 1"):
         sh.gather_state([ranks[:1]], layout, RULES)
     template = train.init_train_state(mf.init_params(CFG), OPT)
-    with pytest.raises(ConfigError, match=r"^params/embed: resharded to torch.float32 \(126, 32\), but this run expects "
-                                          r"torch.float32 \(250, 32\)$"):
+    with pytest.raises(ConfigError, match=r"^params/embed: resharded to torch.float32 \(126, 32\), but this run "
+                                          r"expects torch.float32 \(250, 32\)$"):
         sh.as_tree(ranks[0], template)
     with pytest.raises(ConfigError, match=r"^params/norm: missing from the resharded state$"):
         sh.as_tree({k: v for k, v in trained.items() if k != "params/norm"}, template)

@@ -164,7 +164,8 @@ def test_shard_and_unshard_errors_name_the_culprit():
         sh.shard(tree, specs, {"tp": 2}, {"tp": 2})
     with pytest.raises(ConfigError, match=r"must name exactly the mesh axes"):
         sh.shard(tree, specs, {"dp": 1, "tp": 2}, {"tp": 0})
-    with pytest.raises(ConfigError, match=r"^layers/0/mlp/w_gate: dim 0 of size 48 is not divisible by mesh axis tp=5$"):
+    with pytest.raises(ConfigError, match=r"^layers/0/mlp/w_gate: dim 0 of size 48 is not divisible by mesh axis "
+                                          r"tp=5$"):
         sh.shard(tree, {**specs, "embed": sh.P(None, None), "output": sh.P(None, None),
                         "layers": [{**layer, "attn": {k: sh.P(None, None) for k in layer["attn"]}}
                                    for layer in specs["layers"]]}, {"tp": 5}, {"tp": 0})

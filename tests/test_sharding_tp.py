@@ -120,7 +120,8 @@ def test_tp1_mesh_issues_no_collective(monkeypatch):
         monkeypatch.setattr(dist, name, forbidden)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     mesh = sh.Mesh({"dp": 1, "tp": 1}, device_type="cpu", sequence_parallel=True)
-    assert mesh.tp is mf.SINGLE_DEVICE and mesh.dp is mf.SINGLE_DEVICE and mesh.coords == {"dp": 0, "tp": 0} and mesh.rank == 0
+    assert mesh.tp is mf.SINGLE_DEVICE and mesh.dp is mf.SINGLE_DEVICE
+    assert mesh.coords == {"dp": 0, "tp": 0} and mesh.rank == 0
     params = mf.init_params(CFG, seed=0)
     local = sh.shard(params, sh.match(params, RULES), mesh.shape, mesh.coords)
     torch.func.grad_and_value(mf.loss_fn)(local, _batch(), CFG, tp=mesh.tp)
