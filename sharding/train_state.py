@@ -9,8 +9,9 @@ rank, `train.TrainState` has:
     opt_state/.../<p> optimizer leaves following <p> (`rules.followed_param`): tp shards (ZeRO-1: blocks)
     anything else     counters, loss scale: the same on every rank
 
-The canonical form, which `gather_state` returns and `scatter_state` takes, is the state of one device
-without ZeRO: `params/<p>` are the full master weights and the optimizer leaves are full too. Both
+under any common prefix (a checkpoint's `train/params/<p>`, `train/master/<p>`, ...). The canonical form,
+which `gather_state` returns and `scatter_state` takes, is the state of one device without ZeRO:
+`params/<p>` are the full master weights and the optimizer leaves are full too. Both
 directions only move and cast values, so a state resharded there and back is bit-identical, except for
 vocab padding rows: they are dropped and re-made as copies of the last real row (as `shard` does), which
 changes nothing the model computes (their logits are -inf, their tokens never occur).
@@ -64,6 +65,8 @@ def gather_state(pieces: list, layout: StateLayout, rules: Rules) -> dict[str, t
     sizes = list(layout.mesh_shape.values())
     ranks = list(zip(layout.all_coords(), _flatten(pieces, sizes), strict=True))
     first = ranks[0][1]
+    params_paths = {found[0]: path for path in first
+                    if (found := followed_param(path, rules)) and _role(path, found[0])[1] == "params"}
     out = {}
     for path, x in first.items():
         found = followed_param(path, rules)
@@ -75,16 +78,17 @@ def gather_state(pieces: list, layout: StateLayout, rules: Rules) -> dict[str, t
             out[path] = x
             continue
         param, spec = found
-        on_params = path == f"params/{param}"
-        if not layout.distributed_optimizer or (on_params and f"master/{param}" not in first):
+        prefix, role = _role(path, param)
+        if not layout.distributed_optimizer or (role == "params" and f"{prefix}master/{param}" not in first):
             out[path] = unshard(nest([piece[path] for _, piece in ranks], sizes), spec, layout.mesh_shape)
-        elif not on_params:  # dp blocks of each tp shard (ranks are dp-major), then the tp shards
-            if f"params/{param}" not in first:
-                raise ConfigError(f"{path}: gathering its blocks needs params/{param} for the shard's shape")
+        elif role != "params":  # dp blocks of each tp shard (ranks are dp-major), then the tp shards
+            params_path = params_paths.get(param)
+            if params_path is None:
+                raise ConfigError(f"{path}: gathering its blocks needs the params leaf of {param} for its shape")
             tp = layout.mesh_shape["tp"]
-            local = [torch.cat([piece[path] for c, piece in ranks if c["tp"] == t])
-                     .view(first[f"params/{param}"].shape) for t in range(tp)]
-            out[f"params/{param}" if path == f"master/{param}" else path] = unshard(local, spec, {"tp": tp})
+            local = [torch.cat([piece[path] for c, piece in ranks if c["tp"] == t]).view(first[params_path].shape)
+                     for t in range(tp)]
+            out[params_path if role == "master" else path] = unshard(local, spec, {"tp": tp})
     return out
 
 
@@ -101,17 +105,26 @@ def scatter_state(full: Mapping[str, torch.Tensor], layout: StateLayout, coords:
             out[path] = x.clone()
             continue
         param, spec = found
+        prefix, role = _role(path, param)
         local = shard(x, spec, mesh, coords)
         if not layout.distributed_optimizer:
             out[path] = local
-        elif path != f"params/{param}":
+        elif role != "params":
             out[path] = zero.blocks([local], rank, dp)[0].clone()
         elif layout.compute_dtype in (None, local.dtype):
             out[path] = local
         else:
             out[path] = local.to(layout.compute_dtype)
-            out[f"master/{param}"] = zero.blocks([local], rank, dp)[0].clone()
+            out[f"{prefix}master/{param}"] = zero.blocks([local], rank, dp)[0].clone()
     return out
+
+
+def _role(path: str, param: str) -> tuple[str, str]:
+    """`(prefix, role)` of a leaf that follows `param`: `path` is `prefix + role + "/" + param`, the role being
+    the path component before the param's (`params`, `master`, or an optimizer's such as `mu`)."""
+    head = path[:len(path) - len(param)].rstrip("/")
+    prefix, _, role = head.rpartition("/")
+    return prefix + "/" if prefix else "", role
 
 
 def reshard_state(pieces: list, src: StateLayout, dst: StateLayout, rules: Rules) -> list:

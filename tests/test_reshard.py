@@ -80,13 +80,16 @@ def test_scatter_then_gather_is_bit_exact(name, trained):
 
 
 def test_reshard_between_layouts_round_trips_exactly(trained):
+    """As a native checkpoint holds it: the train state under `train/`, beside the data generator's state."""
     a, b = LAYOUTS["tp2"], LAYOUTS["zero_dp3xtp2_bf16"]
-    pieces = nest([sh.scatter_state(trained, a, c, RULES) for c in a.all_coords()], [1, 2])
+    saved = {**{f"train/{path}": x for path, x in trained.items()}, "rng": torch.Generator().get_state()}
+    pieces = nest([sh.scatter_state(saved, a, c, RULES) for c in a.all_coords()], [1, 2])
     there = sh.reshard_state(pieces, a, b, RULES)
     assert len(there) == 3 and len(there[0]) == 2
     rank = there[2][1]  # dp 2 of 3, tp 1: the last block of each 8 x 32 shard of wk (blocks of 86, 86, 84)
-    assert rank["params/layers/0/attn/wk"].dtype == torch.bfloat16 and rank["params/layers/0/attn/wk"].shape == (8, 32)
-    assert rank["master/layers/0/attn/wk"].shape == rank["opt_state/mu/layers/0/attn/wk"].shape == (84,)
+    wk = rank["train/params/layers/0/attn/wk"]
+    assert wk.dtype == torch.bfloat16 and wk.shape == (8, 32) and torch.equal(rank["rng"], saved["rng"])
+    assert rank["train/master/layers/0/attn/wk"].shape == rank["train/opt_state/mu/layers/0/attn/wk"].shape == (84,)
     back = sh.reshard_state(there, b, a, RULES)
     for piece, ref in zip(back[0], pieces[0], strict=True):
         assert piece.keys() == ref.keys() and all(torch.equal(piece[p], ref[p]) for p in ref)
