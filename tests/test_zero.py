@@ -1,5 +1,6 @@
 """The distributed optimizer (ZeRO-1) and bucketed gradient reduction: block arithmetic, buckets, one-rank
-equivalence with the plain step, and TP x DP on gloo processes against one device."""
+equivalence with the plain step, and TP x DP (with sequence parallelism too) on gloo processes against one
+device."""
 
 import functools
 import math
@@ -140,10 +141,13 @@ def _zero_worker(rank: int, mesh_shape: dict, out_dir: str):
                if any(a is not None for a in s.axes)}
     kw = dict(micro_batch_size=1, dp=mesh.dp, tp=mesh.tp, sharded_paths=sharded, max_grad_norm=0.5,
               bucket_size=BUCKET)
+    sp = sh.GroupTP(mesh.group("tp"), sequence_parallel=True) if mesh.shape["tp"] > 1 else mesh.tp
     out = {"coords": mesh.coords}
     for mode, zkw in (("plain", {}), ("zero", dict(distributed_optimizer=True)),
-                      ("zero_overlap", dict(distributed_optimizer=True, overlap_grad_reduce=True))):
-        step = train.make_train_step(functools.partial(loss_fn, tp=mesh.tp), OPT, **kw, **zkw)
+                      ("zero_overlap", dict(distributed_optimizer=True, overlap_grad_reduce=True)),
+                      ("zero_overlap_sp", dict(distributed_optimizer=True, overlap_grad_reduce=True))):
+        tp = sp if mode.endswith("_sp") else mesh.tp
+        step = train.make_train_step(functools.partial(loss_fn, tp=tp), OPT, **{**kw, "tp": tp}, **zkw)
         state = train.init_train_state(local, OPT, dp=mesh.dp, distributed_optimizer=bool(zkw))
         metrics = []
         for k in range(STEPS):
@@ -184,7 +188,7 @@ def test_zero1_over_tp_and_dp_equals_one_device(mesh, tmp_path, one_device):
     run_workers(_zero_worker, world, mesh, str(tmp_path))
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     errors, full = {}, {}
-    for mode in ("plain", "zero", "zero_overlap"):
+    for mode in ("plain", "zero", "zero_overlap", "zero_overlap_sp"):
         layout = sh.StateLayout(mesh, distributed_optimizer=mode != "plain")
         pieces = sh.train_state.nest([r[mode]["state"] for r in results], list(layout.mesh_shape.values()))
         full[mode] = sh.gather_state(pieces, layout, RULES)
