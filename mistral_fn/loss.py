@@ -59,7 +59,9 @@ def _masked_loss_sum(head, h, labels, mask, config, tp, chunk_size: int | None) 
 
     One device: `_ChunkedHeadLoss` (gradients formed chunk by chunk in forward, nothing recomputed).
     Under TP: each chunk's vocab-parallel head + loss under `remat.checkpoint` (recomputed in backward).
-    Without grad mode (evaluation): plain chunks.
+    Without grad mode (evaluation): plain chunks. Under SP, `h` is this rank's slice of the sequence: a
+    chunk takes `chunk_size / tp` positions of every rank's slice (gathered by the head), and the labels
+    and mask of those same positions.
     """
 
     def piece(w, hc, lc, mc):
@@ -72,10 +74,21 @@ def _masked_loss_sum(head, h, labels, mask, config, tp, chunk_size: int | None) 
     if tp.size == 1 and torch.is_grad_enabled():
         return _ChunkedHeadLoss.apply(head, h, labels, mask, chunk_size, config.vocab_size)[0]
     piece = remat.checkpoint(piece) if torch.is_grad_enabled() else piece
+    step = max(chunk_size // tp.size, 1) if tp.sequence_parallel else chunk_size
     total = h.new_zeros((), dtype=torch.float32)
-    for s in range(0, h.shape[1], chunk_size):
-        total = total + piece(head, h[:, s:s + chunk_size], labels[:, s:s + chunk_size], mask[:, s:s + chunk_size])
+    for s in range(0, h.shape[1], step):
+        ls, ms = (_gathered_chunk(x, s, step, tp) for x in (labels, mask))
+        total = total + piece(head, h[:, s:s + step], ls, ms)
     return total
+
+
+def _gathered_chunk(x: torch.Tensor, start: int, length: int, tp: TensorParallel) -> torch.Tensor:
+    """The columns of `x` `[B, T]` that match the head input `h[:, start:start + length]` once `tp.copy_to`
+    has gathered it: the same slice of the sequence, or under SP that slice of every rank's part in rank order."""
+    if not tp.sequence_parallel:
+        return x[:, start:start + length]
+    n = x.shape[1] // tp.size
+    return torch.cat([x[:, r * n + start:r * n + min(start + length, n)] for r in range(tp.size)], dim=1)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):

@@ -3,7 +3,8 @@
 Every function takes what it uses as arguments and returns new tensors. Tensor parallelism enters
 only through the `tp` argument (`parallel.TensorParallel`): the same code runs on full weights
 (`tp=SINGLE_DEVICE`, no collective) or on one rank's Megatron shards, where head counts, the ffn
-width and the vocab slice are read from the local weight shapes.
+width and the vocab slice are read from the local weight shapes. With sequence parallelism the
+residual stream between `tp.reduce_from` and `tp.copy_to` is this rank's slice of the sequence.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: tor
 
 
 def embed(table: torch.Tensor, tokens: torch.Tensor, tp: TensorParallel = SINGLE_DEVICE) -> torch.Tensor:
-    """Token embedding `[B, T, D]`. Under TP, `table` holds rows `[rank*n, (rank+1)*n)` of the vocab."""
+    """Token embedding `[B, T, D]`. Under TP, `table` holds rows `[rank*n, (rank+1)*n)` of the vocab
+    (under SP the result is this rank's `[B, T/tp, D]` slice of the sequence)."""
     if tp.size == 1:
         return F.embedding(tokens, table)
     rows = table.shape[0]
@@ -67,9 +69,9 @@ def mlp(p: dict, x: torch.Tensor, tp: TensorParallel = SINGLE_DEVICE) -> torch.T
 
 def block(p, h, cos, sin, mask, config: MistralConfig, tp: TensorParallel = SINGLE_DEVICE, kv=None):
     """One pre-norm decoder layer (`kv`: see `self_attention`)."""
-    h = h + self_attention(p["attn"], kernels.rms_norm(h, p["attn_norm"], config.norm_eps), cos, sin, mask, config,
-                           tp, kv)
-    return h + mlp(p["mlp"], kernels.rms_norm(h, p["mlp_norm"], config.norm_eps), tp)
+    h = h + self_attention(p["attn"], kernels.rms_norm(h, tp.replicated(p["attn_norm"]), config.norm_eps), cos, sin,
+                           mask, config, tp, kv)
+    return h + mlp(p["mlp"], kernels.rms_norm(h, tp.replicated(p["mlp_norm"]), config.norm_eps), tp)
 
 
 def check_tokens(tokens: torch.Tensor, config: MistralConfig) -> None:
@@ -99,8 +101,9 @@ def attention_inputs(positions: torch.Tensor | None, batch: int, seq: int, confi
 
 def hidden_states(params, tokens, config: MistralConfig, *, positions=None, tp: TensorParallel = SINGLE_DEVICE,
                   recompute: bool = False):
-    """Final-normed hidden states `[B, T, D]` in the params' dtype. `recompute` wraps each layer in
-    `remat.checkpoint` (activations recomputed in backward; works under autograd and torch.func)."""
+    """Final-normed hidden states `[B, T, D]` in the params' dtype (`[B, T/tp, D]`, this rank's slice of the
+    sequence, under sequence parallelism). `recompute` wraps each layer in `remat.checkpoint` (activations
+    recomputed in backward; works under autograd and torch.func)."""
     check_params(params, config, tp.size)
     check_tokens(tokens, config)
     h = embed(params["embed"], tokens, tp)
@@ -112,11 +115,12 @@ def hidden_states(params, tokens, config: MistralConfig, *, positions=None, tp: 
     layer_fn = remat.checkpoint(layer_fn) if recompute else layer_fn
     for layer in params["layers"]:
         h = layer_fn(layer, h, cos, sin, mask)
-    return kernels.rms_norm(h, params["norm"], config.norm_eps)
+    return kernels.rms_norm(h, tp.replicated(params["norm"]), config.norm_eps)
 
 
 def output_logits(params, h: torch.Tensor, config: MistralConfig, tp: TensorParallel = SINGLE_DEVICE) -> torch.Tensor:
-    """float32 logits `[B, T, V_local]` over this rank's vocab slice; padded vocab columns are -inf."""
+    """float32 logits `[B, T, V_local]` over this rank's vocab slice; padded vocab columns are -inf.
+    Under SP, `h` is this rank's `[B, T/tp, D]` slice; the logits cover the slices of all ranks in rank order."""
     head = params["output"]
     logits = F.linear(tp.copy_to(h), head).float()
     start = tp.rank * head.shape[0]

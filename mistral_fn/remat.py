@@ -60,13 +60,17 @@ def checkpoint(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     def wrapped(*args):
         leaves, treedef = pytree.tree_flatten(args)
         slots = [i for i, x in enumerate(leaves) if _is_primal(x)]
+        inputs = [leaves[i] for i in slots]
+        # `run` keeps the constants only: the tensors are saved for backward, which frees them once this call's
+        # backward is done (a closure over them would hold them until the whole backward ends)
+        constants = [None if _is_primal(x) else x for x in leaves]
 
         def run(*primals):
-            full = list(leaves)
+            full = list(constants)
             for i, x in zip(slots, primals):
                 full[i] = x
             return fn(*pytree.tree_unflatten(full, treedef))
 
-        return _Recompute.apply(run, *(leaves[i] for i in slots))
+        return _Recompute.apply(run, *inputs)
 
     return wrapped
