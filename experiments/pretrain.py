@@ -92,7 +92,8 @@ def main(argv):
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments {argv[1:]}; every option is a --flag")
     config = config_from_flags()
-    mesh = sharding.Mesh(config.mesh_shape(int(os.environ.get("WORLD_SIZE", "1"))), F.device)
+    mesh = sharding.Mesh(config.mesh_shape(int(os.environ.get("WORLD_SIZE", "1"))), F.device,
+                         sequence_parallel=config.sequence_parallel)
     try:
         megatron_flags.report_kernels(mesh)
         train(config, mesh)
