@@ -2,20 +2,22 @@
 
 The matrix: {grad, vmap(grad) per example, jvp, jacrev, jacfwd, Hessian-vector products (reverse over
 reverse, forward over reverse), vmap over stacked params, torch.compile} x {forward, hidden_states,
-loss_fn (plain, recompute, chunked head, both), forward_with_cache}. Each result is checked against a
+loss_fn (plain, recompute, chunked head, both), forward at explicit (left-padded) positions,
+forward_with_cache (prefill then a chunk, left-padded, through a ring)}. Each result is checked against a
 reference computed another way: a float64 central finite difference, the other AD mode, a Python loop
 over examples, each ensemble member alone, eager mode. The model runs in float64 here, so the
 finite differences agree to ~1e-8.
 """
 
 import functools
+import math
 
 import pytest
 import torch
 from torch.utils import _pytree as pytree
 
 import mistral_fn as mf
-from mistral_fn import kernels, tracing
+from mistral_fn import model, tracing
 
 CFG = mf.MistralConfig(vocab_size=11, dim=8, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=12, head_dim=4,
                        rope_theta=1e4, sliding_window=3, max_seq_len=16)
@@ -24,9 +26,11 @@ DTYPE = torch.float64
 
 
 def _data(seed=0):
+    """A loss batch, plus `padded_positions` (row 1 left-padded by two) for the position-mask paths."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, CFG.vocab_size, (B, T + 1), generator=g)
-    return {"tokens": x[:, :-1], "labels": x[:, 1:], "loss_mask": (torch.rand(B, T, generator=g) > 0.2).long()}
+    return {"tokens": x[:, :-1], "labels": x[:, 1:], "loss_mask": (torch.rand(B, T, generator=g) > 0.2).long(),
+            "padded_positions": torch.arange(T) - torch.tensor([0, 2])[:, None]}
 
 
 BATCH = _data()
@@ -34,12 +38,11 @@ PARAMS = mf.init_params(CFG, seed=0, dtype=DTYPE)
 # Fixed random weights that turn each model output into a scalar.
 PROBE = {"forward": torch.randn(B, T, CFG.vocab_size, dtype=DTYPE, generator=torch.Generator().manual_seed(1)),
          "hidden_states": torch.randn(B, T, CFG.dim, dtype=DTYPE, generator=torch.Generator().manual_seed(2))}
-PROBE["forward_with_cache"] = PROBE["forward"]
+PROBE["forward_with_cache"] = PROBE["forward_at_positions"] = PROBE["forward"]
 
 
-def cached_logits(params, tokens):
+def cached_logits(params, tokens, positions):
     """Logits of a 4-token prefill then a 2-token chunk through a ring cache (window 3 < 4: attend-first)."""
-    positions = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
     cache = mf.init_cache(params, CFG, tokens.shape[0], tokens.shape[1])
     first, cache = mf.forward_with_cache(params, tokens[:, :4], CFG, cache, positions[:, :4])
     second, _ = mf.forward_with_cache(params, tokens[:, 4:], CFG, cache, positions[:, 4:])
@@ -58,7 +61,9 @@ def model_output(name, params, batch):
         return mf.forward(params, batch["tokens"], CFG)
     if name == "hidden_states":
         return mf.hidden_states(params, batch["tokens"], CFG)
-    return cached_logits(params, batch["tokens"])
+    if name == "forward_at_positions":
+        return mf.forward(params, batch["tokens"], CFG, positions=batch["padded_positions"])
+    return cached_logits(params, batch["tokens"], batch["padded_positions"])
 
 
 def scalar(name, params, batch):
@@ -67,7 +72,7 @@ def scalar(name, params, batch):
     return out if name in LOSSES else (out * PROBE[name]).sum()
 
 
-FUNCTIONS = ["forward", "hidden_states", *LOSSES, "forward_with_cache"]
+FUNCTIONS = ["forward", "hidden_states", *LOSSES, "forward_at_positions", "forward_with_cache"]
 
 
 def direction(seed):
@@ -178,6 +183,17 @@ def test_compiled_value_and_grad_equal_eager(name):
     fn = torch.func.grad_and_value(functools.partial(scalar, name))
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     assert_trees_close(compiled(PARAMS, BATCH), fn(PARAMS, BATCH), rtol=1e-10, atol=1e-12)
+
+
+def test_rope_tables_are_float64_for_float64_params():
+    """At position 31999 float32 phases are off by ~1e-3 rad; float64 tables match double-precision math."""
+    positions = torch.tensor([[0, 7, 31999]])
+    cos, sin = model.rope_tables(positions, 8, 1e6, torch.float64)
+    for p, row_cos, row_sin in zip(positions[0].tolist(), cos[0, :, 0], sin[0, :, 0], strict=True):
+        angles = [p / 1e6 ** (2 * (i % 4) / 8) for i in range(8)]
+        torch.testing.assert_close(row_cos, torch.tensor([math.cos(a) for a in angles], dtype=DTYPE), rtol=0, atol=1e-12)
+        torch.testing.assert_close(row_sin, torch.tensor([math.sin(a) for a in angles], dtype=DTYPE), rtol=0, atol=1e-12)
+    assert model.rope_tables(positions, 8, 1e6, torch.bfloat16)[0].dtype == torch.bfloat16
 
 
 def test_gradcheck_float64_tiny_model():
