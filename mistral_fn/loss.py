@@ -137,7 +137,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_w, _grad_h):
         grad_w, grad_h = ctx.saved_tensors  # scaled in place: this backward runs once
-        if tracing.is_batched(grad_total):  # jacrev: one cotangent per lane, the buffers are shared
-            return (grad_w * grad_total).to(ctx.w_dtype), grad_h * grad_total.to(grad_h.dtype), None, None, None, None
-        grad_w = grad_w.mul_(grad_total).to(ctx.w_dtype)
-        return grad_w, grad_h.mul_(grad_total.to(grad_h.dtype)), None, None, None, None
+        if tracing.is_batched(grad_total):  # jacrev: one cotangent per lane, so no in-place scaling
+            grad_w, grad_h = grad_w * grad_total, grad_h * grad_total.to(grad_h.dtype)
+        else:
+            grad_w, grad_h = grad_w.mul_(grad_total), grad_h.mul_(grad_total.to(grad_h.dtype))
+        return grad_w.to(ctx.w_dtype), grad_h, None, None, None, None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.autograd.forward_ad as forward_ad
-from torch._C._functorch import TransformType, is_batchedtensor, is_functorch_wrapped_tensor
+from torch._C._functorch import TransformType, is_batchedtensor, is_functorch_wrapped_tensor, peek_interpreter_stack
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 
@@ -36,5 +36,8 @@ def is_batched(x: torch.Tensor) -> bool:
 @torch.compiler.assume_constant_result  # evaluated when torch.compile traces, like in eager mode
 def only_reverse_mode() -> bool:
     """True unless vmap, forward-mode AD or a nested gradient transform is active."""
-    levels = [interpreter.key() for interpreter in retrieve_all_functorch_interpreters()]
-    return levels in ([], [TransformType.Grad]) and forward_ad._current_level < 0
+    if forward_ad._current_level >= 0:
+        return False
+    if peek_interpreter_stack() is None:  # no transform: the common case, decided without a list
+        return True
+    return [interpreter.key() for interpreter in retrieve_all_functorch_interpreters()] == [TransformType.Grad]

@@ -191,8 +191,8 @@ def test_rope_tables_are_float64_for_float64_params():
     cos, sin = model.rope_tables(positions, 8, 1e6, torch.float64)
     for p, row_cos, row_sin in zip(positions[0].tolist(), cos[0, :, 0], sin[0, :, 0], strict=True):
         angles = [p / 1e6 ** (2 * (i % 4) / 8) for i in range(8)]
-        torch.testing.assert_close(row_cos, torch.tensor([math.cos(a) for a in angles], dtype=DTYPE), rtol=0, atol=1e-12)
-        torch.testing.assert_close(row_sin, torch.tensor([math.sin(a) for a in angles], dtype=DTYPE), rtol=0, atol=1e-12)
+        for table, exact in ((row_cos, math.cos), (row_sin, math.sin)):
+            torch.testing.assert_close(table, torch.tensor([exact(a) for a in angles], dtype=DTYPE), rtol=0, atol=1e-12)
     assert model.rope_tables(positions, 8, 1e6, torch.bfloat16)[0].dtype == torch.bfloat16
 
 
