@@ -43,7 +43,7 @@ import torch
 from mistral_fn import tracing
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import InputError
-from mistral_fn.kernels import KeyMask
+from mistral_fn.attention import KeyMask
 
 Cache = dict
 

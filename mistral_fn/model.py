@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mistral_fn import kernels, kv_cache, remat, tracing
+from mistral_fn import attention, kernels, kv_cache, remat, tracing
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import InputError
 from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel
@@ -60,7 +60,7 @@ def self_attention(p, x, cos, sin, mask, config: MistralConfig, tp: TensorParall
     q, k, v = qkv(p, x, cos, sin, config.head_dim)
     if kv is not None:
         k, v = kv(k, v)
-    out = kernels.attention(q, k, v, mask, config.sliding_window)
+    out = attention.attention(q, k, v, mask, config.sliding_window)
     return tp.reduce_from(F.linear(out.flatten(2), p["wo"]))
 
 
@@ -104,11 +104,11 @@ def check_tensor_parallel(tp: TensorParallel) -> None:
 def attention_inputs(positions: torch.Tensor | None, batch: int, seq: int, config: MistralConfig, device, dtype):
     """(cos, sin, mask) for self-attention over `seq` tokens at `positions` (`[T]` or `[B, T]`;
     default `0..T-1`). The mask is None for the default positions (the kernels' causal and sliding-window
-    paths), else a `kernels.KeyMask` comparing positions (never a `[T, T]` tensor)."""
+    paths), else an `attention.KeyMask` comparing positions (never a `[T, T]` tensor)."""
     default = positions is None
     positions = torch.arange(seq, device=device) if default else positions
     positions = positions.expand(batch, seq) if positions.dim() == 1 else positions
-    mask = None if default else kernels.KeyMask(positions, positions, config.sliding_window)
+    mask = None if default else attention.KeyMask(positions, positions, config.sliding_window)
     cos, sin = rope_tables(positions, config.head_dim, config.rope_theta, dtype)
     return cos, sin, mask
 

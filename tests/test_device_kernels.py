@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import mistral_fn as mf
-from mistral_fn import device, kernels
+from mistral_fn import attention, device
 
 
 def test_cpu_selection_and_backends():
@@ -41,9 +41,9 @@ def test_broken_torch_npu_import_means_no_npu(monkeypatch):
 
 
 def test_npu_attention_arguments():
-    assert kernels.npu_attention_args(16, None) == {"sparse_mode": 2}
-    assert kernels.npu_attention_args(16, 32) == {"sparse_mode": 2}
-    assert kernels.npu_attention_args(16, 4) == {"sparse_mode": 4, "pre_tockens": 3, "next_tockens": 0}
+    assert attention.npu_attention_args(16, None) == {"sparse_mode": 2}
+    assert attention.npu_attention_args(16, 32) == {"sparse_mode": 2}
+    assert attention.npu_attention_args(16, 4) == {"sparse_mode": 4, "pre_tockens": 3, "next_tockens": 0}
 
 
 def _fake_torch_npu(calls):
@@ -90,15 +90,15 @@ def test_npu_path_equals_reference_path(monkeypatch, window):
     fused = mf.forward(params, tokens, cfg)
     assert len(calls) == cfg.n_layers
     assert calls[0] == ("BSND", 4, 2 if window is None else 4, 2**31 - 1 if window is None else window - 1,
-                        2**31 - 1 if window is None else 0, (kernels.NPU_MASK_SIZE,) * 2)
+                        2**31 - 1 if window is None else 0, (attention.NPU_MASK_SIZE,) * 2)
     assert (fused - reference).abs().max().item() < 1e-5
 
 
 def test_band_mask_counts_the_query_itself():
-    mask = kernels.band_mask(torch.arange(6), 3)
+    mask = attention.band_mask(torch.arange(6), 3)
     assert mask.sum(-1).tolist() == [1, 2, 3, 3, 3, 3]
     assert mask[5].tolist() == [False, False, False, True, True, True]
-    assert math.isclose(float(kernels.band_mask(torch.arange(4), None).sum()), 10)
+    assert math.isclose(float(attention.band_mask(torch.arange(4), None).sum()), 10)
 
 
 def _recording(fake, names):

@@ -1,7 +1,7 @@
 """Long context in linear memory: a training step's peak memory grows linearly in T, with and without
 a sliding window, because attention never holds a `[T, T]` score or mask tensor.
 
-The blocked kernels are checked against `kernels.attention_reference` (explicit softmax over the whole
+The blocked kernels are checked against `attention.attention_reference` (explicit softmax over the whole
 mask) for values and gradients, past the block size, with arbitrary positions and through the KV cache.
 
 The memory points run in fresh processes (`python tests/test_long_context.py T [--window W]` prints
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import mistral_fn as mf
-from mistral_fn import kernels
+from mistral_fn import attention
 from mistral_fn.generate import left_pad
 
 MB = 2**20
@@ -70,8 +70,8 @@ def _values_and_grads(fn, q, k, v):
 
 
 def _assert_matches_reference(mask, window, q, k, v):
-    ours = _values_and_grads(lambda *x: kernels.attention(*x, mask, window), q, k, v)
-    ref = _values_and_grads(lambda *x: kernels.attention_reference(*x, mask, window), q, k, v)
+    ours = _values_and_grads(lambda *x: attention.attention(*x, mask, window), q, k, v)
+    ref = _values_and_grads(lambda *x: attention.attention_reference(*x, mask, window), q, k, v)
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(ours[1], ref[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -86,10 +86,10 @@ def test_causal_and_sliding_window_blocks_equal_reference(seq, window):
 @pytest.mark.parametrize("window", [None, 5])
 def test_position_masks_equal_reference_past_the_block_size(window):
     """Arbitrary positions (repeats, gaps, decreasing runs, negatives) over three query blocks."""
-    seq = 2 * kernels.QUERY_BLOCK + 37
+    seq = 2 * attention.QUERY_BLOCK + 37
     g = torch.Generator().manual_seed(1)
     positions = torch.randint(-3, seq // 4, (2, seq), generator=g)
-    _assert_matches_reference(kernels.KeyMask(positions, positions, window), window, *_qkv(seq))
+    _assert_matches_reference(attention.KeyMask(positions, positions, window), window, *_qkv(seq))
 
 
 def test_no_mask_or_score_tensor_is_quadratic(monkeypatch):
@@ -102,12 +102,12 @@ def test_no_mask_or_score_tensor_is_quadratic(monkeypatch):
         seen.append((q.shape[2], k.shape[2], None if attn_mask is None else attn_mask.shape[-2:]))
         return sdpa(q, k, v, attn_mask=attn_mask, **kw)
 
-    monkeypatch.setattr(kernels.F, "scaled_dot_product_attention", recording_sdpa)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording_sdpa)
     q, k, v = _qkv(2000, batch=1)
-    _values_and_grads(lambda *x: kernels.attention(*x, None, 64), q, k, v)
+    _values_and_grads(lambda *x: attention.attention(*x, None, 64), q, k, v)
     assert seen[0] == (64, 64, None)
     for rows, keys, mask in seen[1:]:
-        assert rows <= kernels.QUERY_BLOCK and keys == rows + 63 and mask == (rows, keys)
+        assert rows <= attention.QUERY_BLOCK and keys == rows + 63 and mask == (rows, keys)
 
 
 def test_prefill_of_2048_tokens_uses_flash_blocks_and_equals_the_uncached_forward(monkeypatch):
@@ -121,13 +121,13 @@ def test_prefill_of_2048_tokens_uses_flash_blocks_and_equals_the_uncached_forwar
     tokens, positions = left_pad(prompts, config.eos_id)
     cache = mf.init_cache(params, config, 2, 2048)
     mask_rows = []
-    rows = kernels.KeyMask.rows
-    monkeypatch.setattr(kernels.KeyMask, "rows", lambda self, i, j: mask_rows.append(j - i) or rows(self, i, j))
+    rows = attention.KeyMask.rows
+    monkeypatch.setattr(attention.KeyMask, "rows", lambda self, i, j: mask_rows.append(j - i) or rows(self, i, j))
     with torch.profiler.profile() as prof:
         logits, _ = mf.forward_with_cache(params, tokens, config, cache, positions)
     ops = {e.name for e in prof.events()}
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops and "aten::softmax" not in ops
-    assert max(mask_rows) == kernels.QUERY_BLOCK
+    assert max(mask_rows) == attention.QUERY_BLOCK
     for b, prompt in enumerate(prompts):
         alone = mf.forward(params, torch.tensor([prompt]), config)[0]
         torch.testing.assert_close(logits[b, -len(prompt):], alone, rtol=1e-4, atol=1e-4)
