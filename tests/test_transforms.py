@@ -17,6 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 import mistral_fn as mf
+import sharding as sh
 from mistral_fn import model, tracing
 
 CFG = mf.MistralConfig(vocab_size=11, dim=8, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=12, head_dim=4,
@@ -220,17 +221,21 @@ def test_tensor_parallel_refuses_transforms_its_collectives_cannot_follow():
     class TwoRanks:  # never reached: the refusal comes before any collective
         size, rank = 2, 0
 
-    def logits(params):
-        return mf.forward(params, BATCH["tokens"], CFG, tp=TwoRanks())
+    config = CFG.replace(n_kv_heads=2)
+    full = mf.init_params(config, seed=0, dtype=DTYPE)
+    local = sh.shard(full, sh.match(full, sh.mistral_rules(config)), {"tp": 2}, {"tp": 0})
 
-    stacked = pytree.tree_map(lambda x: torch.stack([x, x]), PARAMS)
+    def logits(params):
+        return mf.forward(params, BATCH["tokens"], config, tp=TwoRanks())
+
+    stacked = pytree.tree_map(lambda x: torch.stack([x, x]), local)
     refusal = r"tensor parallelism \(tp=2\) supports one level of reverse-mode AD only"
     with pytest.raises(mf.InputError, match=refusal):
         torch.func.vmap(logits)(stacked)
     with pytest.raises(mf.InputError, match=refusal):
-        torch.func.jvp(logits, (PARAMS,), (PARAMS,))
+        torch.func.jvp(logits, (local,), (local,))
     with pytest.raises(mf.InputError, match=refusal):
-        torch.func.grad(lambda p: torch.func.grad(lambda q: logits(q).sum())(p)["norm"].sum())(PARAMS)
+        torch.func.grad(lambda p: torch.func.grad(lambda q: logits(q).sum())(p)["norm"].sum())(local)
 
 
 def test_transform_detection():
