@@ -39,28 +39,33 @@ _REQUIRED = {"use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "b
              "rank_pattern": {}, "alpha_pattern": {}}
 
 
-def save_peft(out_dir: str | os.PathLike, lora: LoraTree, *, base_model_name_or_path: str | None = None,
-              overwrite: bool = False) -> Path:
-    """Write `lora` (a full, unsharded tree) as a PEFT adapter directory, atomically; tensors keep their dtype."""
-    tensors = {}
+def save_peft(out_dir: str | os.PathLike, config: MistralConfig, lora: LoraTree, *,
+              base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
+    """Write `lora` (the full, unsharded adapters of a model of `config`) as a PEFT adapter directory,
+    atomically; tensors keep their dtype. A shape that is not the model's is a `CheckpointError`."""
+    rank, tensors = lora.rank, {}
     for i, group, _, adapter in adapters(lora):
-        a = adapter["a"].detach().to("cpu")
         for leaf, b in adapter.items():
-            if leaf != "a":
-                prefix = f"base_model.model.model.layers.{i}.{MODULES[f'{group}/{leaf}']}"
-                tensors[f"{prefix}.lora_A.weight"] = a.clone(memory_format=torch.contiguous_format)
-                tensors[f"{prefix}.lora_B.weight"] = b.detach().to("cpu").contiguous()
+            if leaf == "a":
+                continue
+            prefix = f"base_model.model.model.layers.{i}.{MODULES[f'{group}/{leaf}']}"
+            for half, x in (("A", adapter["a"]), ("B", b)):
+                name, want = f"{prefix}.lora_{half}.weight", _shape(config, f"{group}/{leaf}", half, rank)
+                if tuple(x.shape) != want:
+                    raise CheckpointError(f"lora layers/{i}/{group}: {name} would have shape {list(x.shape)}, "
+                                          f"expected {list(want)} (a TP shard? save the unsharded adapters)")
+                tensors[name] = x.detach().to("cpu").clone(memory_format=torch.contiguous_format)
     modules = sorted({MODULES[f"{group}/{leaf}"].split(".")[1] for _, group, _, adapter in adapters(lora)
                       for leaf in adapter if leaf != "a"})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
-              "target_modules": modules, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-              "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
-              "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "layers_to_transform": None,
-              "base_model_name_or_path": base_model_name_or_path}
+    settings = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": lora.alpha,
+                "target_modules": modules, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+                "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+                "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "layers_to_transform": None,
+                "base_model_name_or_path": base_model_name_or_path}
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        _write_json(tmp / CONFIG_FILE, config)
+        _write_json(tmp / CONFIG_FILE, settings)
     return out_dir
 
 
@@ -94,7 +99,6 @@ def load_peft(adapter_dir: str | os.PathLike, config: MistralConfig, dtype: torc
 def _read_tensors(path: Path, config: MistralConfig, rank: int) -> dict[tuple[int, str, str], torch.Tensor]:
     """`{(layer, leaf path, "A" | "B"): tensor}` of a PEFT safetensors file, names and shapes checked."""
     leaf_of = {module: leaf for leaf, module in MODULES.items()}
-    shapes = param_shapes(config)["layers"][0]
     out = {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -104,8 +108,7 @@ def _read_tensors(path: Path, config: MistralConfig, rank: int) -> dict[tuple[in
                     raise CheckpointError(f"{path}: tensor {name} is not a LoRA A/B of a layer of this "
                                           f"{config.n_layers}-layer Mistral model")
                 leaf = leaf_of[key[2]]
-                rows, fan_in = shapes[leaf.split("/")[0]][leaf.split("/")[1]]
-                want = (rank, fan_in) if key[3] == "A" else (rows, rank)
+                want = _shape(config, leaf, key[3], rank)
                 tensor = f.get_tensor(name)
                 if tuple(tensor.shape) != want:
                     raise CheckpointError(f"{path}: tensor {name} has shape {list(tensor.shape)}, expected "
@@ -114,6 +117,13 @@ def _read_tensors(path: Path, config: MistralConfig, rank: int) -> dict[tuple[in
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
     return out
+
+
+def _shape(config: MistralConfig, leaf: str, half: str, rank: int) -> tuple[int, int]:
+    """The shape of lora_A (`half` "A": `[r, in]`) or lora_B ("B": `[out, r]`) of the leaf `attn/wq`, ..."""
+    group, name = leaf.split("/")
+    rows, fan_in = param_shapes(config)["layers"][0][group][name]
+    return (rank, fan_in) if half == "A" else (rows, rank)
 
 
 def _read_config(path: Path) -> dict:

@@ -26,6 +26,12 @@ split into the rows of each leaf, a permutation of the same parameters, so train
 parameter count and update rule, and each piece shards and merges like its leaf. PEFT's export is exact:
 `q_proj`, `k_proj` and `v_proj` each get the shared A and their own B (`checkpoints.peft`).
 
+Training the adapters alone: `train.make_train_step(loss, ...)` with the loss above and
+`train.init_train_state(adapters, ...)`; the base is closed over in its (compute) dtype, with no master
+copy, gradient or moments. `apply` holds one merged copy of each adapted weight while the step runs, rounded
+to W's dtype: in bf16 a delta below half an ulp of W leaves the forward unchanged (its gradient still
+reaches the adapters), where PEFT adds `(x A^T) B^T` beside `x W^T`.
+
 The tree is a `LoraTree`: a dict carrying the scaling numerator `alpha` as static pytree metadata
 (like a JAX static field), so every leaf is a trainable tensor and `tree_map`, `torch.func`,
 `value_and_grad` and the optimizers keep `alpha`. The rank `r` is read from the shape of `a`.
@@ -136,9 +142,9 @@ def check_targets(targets: Iterable[str]) -> list[str]:
 
 
 def init(params, config: MistralConfig, *, rank: int, alpha: float, targets: Iterable[str], seed: int = 0,
-         dtype: torch.dtype | None = None) -> LoraTree:
-    """Adapters for every layer of `params` (the full tree of `config`), on its device, in `dtype`
-    (default: the params' dtype).
+         dtype: torch.dtype | None = None, device=None) -> LoraTree:
+    """Adapters for every layer of `params` (the full tree of `config`, `meta` too) in `dtype` on `device`
+    (default: the params' dtype and device; adapters made on `meta` hold no values).
 
     As PEFT: A is kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)), and B is zero, so
     `apply(params, init(...))` equals `params` exactly. Each A draws from its own numpy PCG64 stream
@@ -150,7 +156,7 @@ def init(params, config: MistralConfig, *, rank: int, alpha: float, targets: Ite
         raise ConfigError(f"lora alpha must be a positive number, got {alpha!r}")
     targets = check_targets(targets)
     check_params(params, config)
-    dtype, device = dtype or params["embed"].dtype, params["embed"].device
+    dtype, device = dtype or params["embed"].dtype, torch.device(device or params["embed"].device)
     shapes = param_shapes(config)["layers"][0]
 
     def layer() -> dict:

@@ -89,6 +89,9 @@ def test_init_is_deterministic_per_leaf_and_runs_on_meta():
     real = lora.init(params, CFG, rank=4, alpha=8, targets=ALL_PEFT, seed=0)
     assert all(x.is_meta and x.dtype == torch.bfloat16 and x.shape == y.shape
                for x, y in zip(pytree.tree_leaves(meta), pytree.tree_leaves(real), strict=True))
+    made_on_cpu = lora.init(mf.init_params(CFG, device="meta"), CFG, rank=4, alpha=8, targets=ALL_PEFT, seed=0,
+                            device="cpu")  # the base need not exist yet (e.g. each TP rank loads its shard)
+    assert _max_diff(made_on_cpu, real) == 0
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -232,7 +235,7 @@ def test_sharding_rules_split_a_and_b_like_megatron_and_shards_merge_to_shards()
 def test_peft_loads_our_adapter_with_our_logits(targets, tmp_path):
     params = mf.init_params(CFG, seed=0)
     tree = _trained(lora.init(params, CFG, rank=4, alpha=16, targets=targets, seed=0))
-    out = checkpoints.save_peft(tmp_path / "adapter", tree, base_model_name_or_path="base")
+    out = checkpoints.save_peft(tmp_path / "adapter", CFG, tree, base_model_name_or_path="base")
     settings = json.loads((out / "adapter_config.json").read_text())
     assert (settings["r"], settings["lora_alpha"], settings["base_model_name_or_path"]) == (4, 16, "base")
     tokens = _batch()["tokens"]
@@ -271,7 +274,7 @@ def test_we_load_an_adapter_written_by_peft(tmp_path):
     tree = checkpoints.load_peft(tmp_path / "adapter", CFG)
     assert tree.alpha == 12 and tree.rank == 4 and tree.targets == ["k_proj", "o_proj", "up_proj", "down_proj"]
     assert (mf.forward(lora.apply(params, tree), tokens, CFG) - ref).abs().max().item() < 1e-4
-    again = checkpoints.load_peft(checkpoints.save_peft(tmp_path / "again", tree), CFG, dtype=torch.float64)
+    again = checkpoints.load_peft(checkpoints.save_peft(tmp_path / "again", CFG, tree), CFG, dtype=torch.float64)
     assert all(x.dtype == torch.float64 for x in pytree.tree_leaves(again)) and _max_diff(again, tree) == 0
 
 
@@ -301,7 +304,7 @@ def test_merged_model_saves_as_an_hf_dir_transformers_loads(tmp_path):
 ])
 def test_load_peft_errors_name_the_culprit(edit, message, tmp_path):
     tree = lora.init(mf.init_params(CFG, seed=0), CFG, rank=4, alpha=8, targets=["q_proj"], seed=0)
-    out = checkpoints.save_peft(tmp_path / "adapter", tree)
+    out = checkpoints.save_peft(tmp_path / "adapter", CFG, tree)
     edit(out)
     with pytest.raises(CheckpointError, match=message):
         checkpoints.load_peft(out, CFG)
@@ -320,16 +323,19 @@ def _edit_tensors(directory, change):
 
 def test_save_peft_is_atomic(tmp_path, monkeypatch):
     tree = lora.init(mf.init_params(CFG, seed=0), CFG, rank=2, alpha=4, targets=["dense"], seed=0)
-    checkpoints.save_peft(tmp_path / "adapter", tree)
+    checkpoints.save_peft(tmp_path / "adapter", CFG, tree)
     with pytest.raises(CheckpointError, match="already exists"):
-        checkpoints.save_peft(tmp_path / "adapter", tree)
+        checkpoints.save_peft(tmp_path / "adapter", CFG, tree)
+    shard = sh.shard(tree, sh.match(tree, sh.lora_rules()), {"tp": 2}, {"tp": 1})
+    with pytest.raises(CheckpointError, match=r"layers.0.self_attn.o_proj.lora_A.weight would have shape \[2, 32\]"):
+        checkpoints.save_peft(tmp_path / "shard", CFG, shard)
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoints.peft, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        checkpoints.save_peft(tmp_path / "adapter", _trained(tree), overwrite=True)
+        checkpoints.save_peft(tmp_path / "adapter", CFG, _trained(tree), overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no partial directory left
     assert _max_diff(checkpoints.load_peft(tmp_path / "adapter", CFG), tree) == 0  # the old one is intact
 
