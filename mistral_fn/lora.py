@@ -190,8 +190,8 @@ def apply(params, lora: LoraTree, tp: TensorParallel = SINGLE_DEVICE):
     Under tensor parallelism `params` and `lora` are one rank's shards (`sharding.with_lora_rules`):
     a column-parallel leaf's rows and its B's rows, A whole; a row-parallel leaf's columns and A's
     columns, B whole. The merged local weight is then the shard of the merged full weight. The whole
-    factor (A, resp. B) enters every rank's part of the product, so it passes through `tp.copy_to`,
-    whose backward sums its gradient over the ranks, as Megatron's `f` does for replicated inputs.
+    factor (A, resp. B) enters every rank's part of the product, so its gradient is summed over the
+    ranks in backward (`_shared`), with or without sequence parallelism.
     """
     return _merged(params, lora, 1.0, tp)
 
@@ -209,6 +209,13 @@ def unmerge(params, lora: LoraTree):
         return _merged(params, lora, -1.0, SINGLE_DEVICE)
 
 
+def _shared(factor: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """`factor` (identity forward) whose gradient is summed over the tp ranks in backward (Megatron's `f`).
+    That is `tp.copy_to` without sequence parallelism and `tp.replicated` with it (where `copy_to` would
+    gather activations along the sequence instead)."""
+    return tp.replicated(factor) if tp.sequence_parallel else tp.copy_to(factor)
+
+
 def _merged(params, lora: LoraTree, sign: float, tp: TensorParallel):
     if not isinstance(lora, LoraTree):
         raise ConfigError(f"expected a LoraTree (from lora.init or checkpoints.load_peft), got {type(lora).__name__}")
@@ -219,10 +226,10 @@ def _merged(params, lora: LoraTree, sign: float, tp: TensorParallel):
         a, scale = adapter["a"], sign * lora.alpha / adapter["a"].shape[0]
         column = TP_SPLIT_DIMS[TARGETS[target][1][0]] == 0  # column-parallel: A whole on every rank
         if column:
-            a = tp.copy_to(a)
+            a = _shared(a, tp)
         for leaf, b in adapter.items():
             if leaf != "a":
-                factors[f"layers/{i}/{group}/{leaf}"] = (b if column else tp.copy_to(b)), a, scale
+                factors[f"layers/{i}/{group}/{leaf}"] = (b if column else _shared(b, tp)), a, scale
     missing = set(factors).difference(iter_paths(params))
     if missing:
         raise ConfigError(f"lora adapts {sorted(missing)[0]}, which the params do not have")

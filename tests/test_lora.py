@@ -80,7 +80,8 @@ def test_init_is_deterministic_per_leaf_and_runs_on_meta():
     params = mf.init_params(CFG, seed=0)
     one = lora.init(params, CFG, rank=4, alpha=8, targets=["query_key_value"], seed=5)
     two = lora.init(params, CFG, rank=4, alpha=8, targets=["dense", "query_key_value"], seed=5)
-    assert torch.equal(one["layers"][1]["attn"]["query_key_value"]["a"], two["layers"][1]["attn"]["query_key_value"]["a"])
+    a_path = "layers/1/attn/query_key_value/a"
+    assert torch.equal(mf.params.get_path(one, a_path), mf.params.get_path(two, a_path))
     assert not torch.equal(one["layers"][0]["attn"]["query_key_value"]["a"],
                            lora.init(params, CFG, rank=4, alpha=8, targets=["query_key_value"], seed=6)["layers"][0]
                            ["attn"]["query_key_value"]["a"])
@@ -203,18 +204,20 @@ def test_sharding_rules_split_a_and_b_like_megatron_and_shards_merge_to_shards()
     tree = _trained(lora.init(params, CFG, rank=4, alpha=8, targets=[*lora.MODELLINK_TARGETS], seed=0))
     rules = sh.with_lora_rules(sh.mistral_rules(CFG))
     specs = dict(leaves_with_paths(sh.match(tree, rules), is_leaf=lambda x: isinstance(x, sh.PartitionSpec)))
+    hd = CFG.head_dim
+    heads_col, heads_row = sh.P("tp", None, head_dim=hd), sh.P(None, "tp", head_dim=hd)  # whole heads per rank
     col, row, whole = sh.P("tp", None), sh.P(None, "tp"), sh.P(None, None)
     assert {p.split("/", 2)[2]: s for p, s in specs.items() if p.startswith("layers/1/")} == {
-        "attn/query_key_value/a": whole, "attn/query_key_value/wq": col, "attn/query_key_value/wk": col,
-        "attn/query_key_value/wv": col, "attn/dense/a": row, "attn/dense/wo": whole,
+        "attn/query_key_value/a": whole, "attn/query_key_value/wq": heads_col, "attn/query_key_value/wk": heads_col,
+        "attn/query_key_value/wv": heads_col, "attn/dense/a": heads_row, "attn/dense/wo": whole,
         "mlp/dense_h_to_4h/a": whole, "mlp/dense_h_to_4h/w_gate": col, "mlp/dense_h_to_4h/w_up": col,
         "mlp/dense_4h_to_h/a": row, "mlp/dense_4h_to_h/w_down": whole}
     peft_specs = sh.match(lora.init(params, CFG, rank=4, alpha=8, targets=ALL_PEFT, seed=0), rules)
     assert {p.split("/", 3)[3]: s for p, s in leaves_with_paths(peft_specs, is_leaf=lambda x: isinstance(
         x, sh.PartitionSpec)) if p.startswith("layers/0/")} == {
-        "q_proj/a": whole, "q_proj/wq": col, "k_proj/a": whole, "k_proj/wk": col, "v_proj/a": whole,
-        "v_proj/wv": col, "o_proj/a": row, "o_proj/wo": whole, "gate_proj/a": whole, "gate_proj/w_gate": col,
-        "up_proj/a": whole, "up_proj/w_up": col, "down_proj/a": row, "down_proj/w_down": whole}
+        "q_proj/a": whole, "q_proj/wq": heads_col, "k_proj/a": whole, "k_proj/wk": heads_col, "v_proj/a": whole,
+        "v_proj/wv": heads_col, "o_proj/a": heads_row, "o_proj/wo": whole, "gate_proj/a": whole,
+        "gate_proj/w_gate": col, "up_proj/a": whole, "up_proj/w_up": col, "down_proj/a": row, "down_proj/w_down": whole}
     sh.match(params, rules)  # the extended table still covers the parameter tree
 
     tp = {"tp": 2}
@@ -227,6 +230,20 @@ def test_sharding_rules_split_a_and_b_like_megatron_and_shards_merge_to_shards()
     for t in range(2):  # each rank's merge of its shards is its shard of the full merge
         local = lora.merge(sh.shard(params, param_specs, tp, {"tp": t}), pieces[t])
         assert _max_diff(local, sh.shard(merged, param_specs, tp, {"tp": t})) < 1e-6
+
+    state = mf.init_train_state(tree, mf.optim.adamw(1e-3))  # a train state of adapters reshards by the same rules
+    state_specs = dict(leaves_with_paths(sh.state_specs(state, rules), is_leaf=lambda x: isinstance(x, sh.P)))
+    assert state_specs["opt_state/mu/layers/0/attn/dense/a"] == heads_row
+    assert state_specs["params/layers/0/mlp/dense_h_to_4h/w_up"] == col and state_specs["step"] == sh.P()
+    with pytest.raises(ConfigError, match=r"query_key_value/wk: 2 heads .* not divisible by mesh axis tp=4"):
+        sh.shard(tree, tree_specs, {"tp": 4}, {"tp": 0})
+
+
+def test_lora_rules_refuse_a_table_that_splits_a_shared_a_two_ways():
+    rules = [(p, sh.P(None, "tp") if p.endswith("(wq|wk|wv)") else s) for p, s in sh.mistral_rules(CFG)]
+    rules = [(r"layers/\d+/attn/wq", sh.P("tp", None))] + [(p.replace("(wq|wk|wv)", "(wk|wv)"), s) for p, s in rules]
+    with pytest.raises(ConfigError, match="query_key_value: its leaves wq, wk, wv split their inputs differently"):
+        sh.with_lora_rules(rules)
 
 
 # ---- PEFT adapter files against the real peft library ---------------------------------------------
@@ -326,7 +343,7 @@ def test_save_peft_is_atomic(tmp_path, monkeypatch):
     checkpoints.save_peft(tmp_path / "adapter", CFG, tree)
     with pytest.raises(CheckpointError, match="already exists"):
         checkpoints.save_peft(tmp_path / "adapter", CFG, tree)
-    shard = sh.shard(tree, sh.match(tree, sh.lora_rules()), {"tp": 2}, {"tp": 1})
+    shard = sh.shard(tree, sh.match(tree, sh.with_lora_rules(sh.mistral_rules(CFG))), {"tp": 2}, {"tp": 1})
     with pytest.raises(CheckpointError, match=r"layers.0.self_attn.o_proj.lora_A.weight would have shape \[2, 32\]"):
         checkpoints.save_peft(tmp_path / "shard", CFG, shard)
 

@@ -1,5 +1,5 @@
-"""LoRA under tensor parallelism on 2 gloo processes equals one device: loss, adapter gradients, and a whole
-train step (TP-aware gradient norm and clipping) on the sharded adapters."""
+"""LoRA under tensor parallelism on 2 gloo processes, with and without sequence parallelism, equals one device:
+loss, adapter gradients, and a whole train step (TP-aware gradient norm and clipping) on the sharded adapters."""
 
 import os
 import socket
@@ -28,7 +28,7 @@ def _setup():
     tree = mf.lora.init(params, CFG, rank=4, alpha=8, targets=mf.lora.MODELLINK_TARGETS, seed=0)
     g = torch.Generator().manual_seed(1)
     tree = tree_map(lambda x: x + 0.05 * torch.randn(x.shape, generator=g), tree)
-    x = torch.randint(0, CFG.vocab_size, (2, 13), generator=g)
+    x = torch.randint(0, CFG.vocab_size, (2, 13), generator=g)  # 12 positions: divisible by tp (SP)
     mask = torch.ones(2, 12, dtype=torch.int64)
     mask[0, -3:] = 0
     return params, tree, {"tokens": x[:, :-1], "labels": x[:, 1:], "loss_mask": mask}
@@ -50,11 +50,11 @@ def _run(params, tree, batch, tp=mf.SINGLE_DEVICE):
     return value, grads, metrics, state.params
 
 
-def _worker(rank: int, port: int, out_dir: str):
+def _worker(rank: int, port: int, out_dir: str, sequence_parallel: bool):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(TP), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    mesh = sh.Mesh({"tp": TP}, device_type="cpu")
+    mesh = sh.Mesh({"tp": TP}, device_type="cpu", sequence_parallel=sequence_parallel)
     params, tree, batch = _setup()
     local = sh.shard(params, sh.match(params, RULES), mesh.shape, mesh.coords)
     local_tree = sh.shard(tree, sh.match(tree, RULES), mesh.shape, mesh.coords)
@@ -75,8 +75,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
-def test_tp2_lora_loss_grads_and_step_equal_one_device(tmp_path):
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=TP, join=False, start_method="fork")
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
+def test_tp2_lora_loss_grads_and_step_equal_one_device(sequence_parallel, tmp_path):
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path), sequence_parallel), nprocs=TP, join=False,
+                             start_method="fork")
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=max(deadline - time.monotonic(), 0.0)):
         if time.monotonic() >= deadline:
