@@ -132,3 +132,13 @@ def test_every_recipe_runs_scaled_down(tmp_path):
                          f"--results-path={tmp_path / 'mmlu.json'}", nproc=2)
     results = json.loads((tmp_path / "mmlu.json").read_text())
     assert results["n"] == 19 and "total (micro)" in evaluation.stdout
+
+
+def test_readme_flag_table_covers_every_seed_flag():
+    """Every flag of the seed's commands (the recipes are their argument lists) is in the README's table."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## Coming from ModelLink"):readme.index("## Using it from Python")]
+    names = {line.split("=", 1)[0] for flagfile in RECIPES.glob("*.flags")
+             for line in flagfile.read_text().splitlines() if line.startswith("--") and "flagfile" not in line}
+    missing = sorted(name for name in names if f"`{name}" not in table and f", `{name}`" not in table)
+    assert len(names) > 60 and not missing, missing
