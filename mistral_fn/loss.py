@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import InputError
-from mistral_fn import remat, tracing
+from mistral_fn import kernels, remat, tracing
 from mistral_fn.model import forward, hidden_states, output_logits
 from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel
 from mistral_fn.vocab_parallel import IGNORE_INDEX, vocab_parallel_cross_entropy
@@ -93,6 +93,9 @@ def _gathered_chunk(x: torch.Tensor, start: int, length: int, tp: TensorParallel
     return torch.cat([x[:, r * n + start:r * n + min(start + length, n)] for r in range(tp.size)], dim=1)
 
 
+HEAD_GRAD_ROWS = 4096  # vocab rows of the head's gradient formed per matmul (a [4096, D] temporary, not [V, D])
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     """`sum(mask * CE(h @ w.T, labels))` over `chunk`-position slices, with float32 logits for one slice
     at a time. Its gradients (softmax - onehot, times the mask) are contracted with `w` and `h` while the
@@ -111,7 +114,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for s in range(0, h.shape[1], chunk):
             hc, lc = h[:, s:s + chunk], labels[:, s:s + chunk]
             mc = (mask[:, s:s + chunk] * (lc != IGNORE_INDEX)).to(mask.dtype)
-            logits = F.linear(hc, w).to(mask.dtype)
+            logits = kernels.linear(hc, w).to(mask.dtype)
             if w.shape[0] > vocab:
                 logits[..., vocab:] = float("-inf")
             target = lc.clamp_min(0)[..., None]
@@ -120,11 +123,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             dlogits = logits.sub_(lse[..., None]).exp_()  # softmax, in the logits' buffer
             dlogits.scatter_add_(-1, target, -torch.ones_like(target, dtype=dlogits.dtype))
             dlogits = dlogits.mul_(mc[..., None]).to(w.dtype)
-            grad_h[:, s:s + chunk] = dlogits @ w
-            if grad_w.dtype == dlogits.dtype:
-                grad_w.addmm_(dlogits.flatten(0, 1).T, hc.flatten(0, 1))
-            else:  # bf16/fp16 compute: per-slice product, accumulated in float32
-                grad_w += (dlogits.flatten(0, 1).T @ hc.flatten(0, 1)).float()
+            grad_h[:, s:s + chunk] = kernels.linear(dlogits, w.T)
+            rows, inputs = dlogits.flatten(0, 1), hc.flatten(0, 1).T
+            for v in range(0, w.shape[0], HEAD_GRAD_ROWS):  # bf16/fp16: accumulated in float32
+                grad_w[v:v + HEAD_GRAD_ROWS] += kernels.linear(rows[:, v:v + HEAD_GRAD_ROWS].T, inputs)
         return total, grad_w, grad_h
 
     @staticmethod

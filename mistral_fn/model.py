@@ -45,9 +45,9 @@ def embed(table: torch.Tensor, tokens: torch.Tensor, tp: TensorParallel = SINGLE
 def qkv(p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
     """Projected, rotated q `[B, T, h, hd]` and k, v `[B, T, kv, hd]` (local head counts under TP)."""
     B, T, _ = x.shape
-    q = F.linear(x, p["wq"]).view(B, T, -1, head_dim)
-    k = F.linear(x, p["wk"]).view(B, T, -1, head_dim)
-    v = F.linear(x, p["wv"]).view(B, T, -1, head_dim)
+    q = kernels.linear(x, p["wq"]).view(B, T, -1, head_dim)
+    k = kernels.linear(x, p["wk"]).view(B, T, -1, head_dim)
+    v = kernels.linear(x, p["wv"]).view(B, T, -1, head_dim)
     return kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin), v
 
 
@@ -61,13 +61,14 @@ def self_attention(p, x, cos, sin, mask, config: MistralConfig, tp: TensorParall
     if kv is not None:
         k, v = kv(k, v)
     out = attention.attention(q, k, v, mask, config.sliding_window)
-    return tp.reduce_from(F.linear(out.flatten(2), p["wo"]))
+    return tp.reduce_from(kernels.linear(out.flatten(2), p["wo"]))
 
 
 def mlp(p: dict, x: torch.Tensor, tp: TensorParallel = SINGLE_DEVICE) -> torch.Tensor:
     """SwiGLU MLP: `w_down(silu(w_gate x) * w_up x)`; column-parallel gate/up, row-parallel down."""
     x = tp.copy_to(x)
-    return tp.reduce_from(F.linear(kernels.swiglu(F.linear(x, p["w_gate"]), F.linear(x, p["w_up"])), p["w_down"]))
+    gate, up = kernels.linear(x, p["w_gate"]), kernels.linear(x, p["w_up"])
+    return tp.reduce_from(kernels.swiglu_linear(gate, up, p["w_down"]))
 
 
 def block(p, h, cos, sin, mask, config: MistralConfig, tp: TensorParallel = SINGLE_DEVICE, kv=None):
@@ -138,7 +139,7 @@ def output_logits(params, h: torch.Tensor, config: MistralConfig, tp: TensorPara
     padded vocab columns are -inf. Under SP, `h` is this rank's `[B, T/tp, D]` slice; the logits cover the
     slices of all ranks in rank order."""
     head = params["output"]
-    logits = F.linear(tp.copy_to(h), head)
+    logits = kernels.linear(tp.copy_to(h), head)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     start = tp.rank * head.shape[0]
     if start + head.shape[0] > config.vocab_size:

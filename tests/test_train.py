@@ -163,15 +163,24 @@ class PeerSaysBad:
         return torch.maximum(x, torch.ones_like(x))
 
 
-def test_update_check_is_exact_and_agrees_across_tp_ranks():
+@pytest.mark.parametrize("donate", [False, True])
+def test_update_check_is_exact_and_agrees_across_tp_ranks(donate):
     p = {"a": torch.tensor([3e38, 1.0]), "b": torch.tensor([100.0], dtype=torch.float16)}
-    ok = lambda u, tp=mf.SINGLE_DEVICE: bool(train.update_keeps_params_finite(p, u, tp))
+
+    def ok(u, tp=mf.SINGLE_DEVICE):
+        new, finite = train.apply_if_finite(p, u, donate=donate, tp=tp)
+        assert [x.dtype for x in new] == [torch.float32, torch.float16]
+        return bool(finite)
+
     assert ok({"a": torch.tensor([3e37, 1e38]), "b": torch.tensor([6e4])})  # 60100 < 65504, the fp16 max
     assert not ok({"a": torch.tensor([5e37, 0.0]), "b": torch.tensor([0.0])})  # 3.5e38 is past float32's max
     assert not ok({"a": torch.zeros(2), "b": torch.tensor([65504.0])})  # finite in float32, inf in the fp16 param
     assert not ok({"a": torch.tensor([0.0, float("nan")]), "b": torch.tensor([0.0])})
+    assert not ok({"a": torch.tensor([0.0, float("-inf")]), "b": torch.tensor([0.0])})
     assert not ok({"a": torch.zeros(2), "b": torch.zeros(1)}, PeerSaysBad())
     assert torch.equal(p["a"], torch.tensor([3e38, 1.0]))  # params untouched
+    new, _ = train.apply_if_finite(p, {"a": torch.tensor([1e38, 2.0]), "b": torch.tensor([1.0])}, donate=donate)
+    assert torch.equal(new[0], torch.tensor([3e38 + 1e38, 3.0])) and new[1].item() == 101.0
 
 
 def test_loss_decreases_on_tiny_model():
