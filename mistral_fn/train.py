@@ -172,7 +172,7 @@ def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: opt
                     compute_dtype: torch.dtype | None = None, loss_scale: optim.LossScale | None = None,
                     schedule: optim.Schedule | None = None, max_skipped: int = 10, donate: bool = False,
                     distributed_optimizer: bool = False, overlap_grad_reduce: bool = False,
-                    bucket_size: int = zero.BUCKET_SIZE):
+                    bucket_size: int = zero.BUCKET_SIZE, compile: bool = False):
     """A pure `step(state, batch) -> (state, metrics)`.
 
     loss_fn: `(params, micro_batch) -> scalar` (e.g. `partial(mf.loss_fn, config=cfg, tp=tp)`).
@@ -191,6 +191,9 @@ def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: opt
     distributed_optimizer: ZeRO-1 over dp (the state from `init_train_state(distributed_optimizer=True)`).
     overlap_grad_reduce: start each gradient bucket's reduction during the last backward (dp > 1).
     bucket_size: elements per gradient bucket (`zero.BUCKET_SIZE`).
+    compile: run `loss_fn` through `torch.compile`, so forward and backward are each one compiled graph
+    (AOTAutograd; inductor fuses the elementwise ops and picks what to store for backward). The update is
+    already one kernel per leaf group with `optim.adamw(fused=True)`; the checks between them read host values.
 
     metrics: floats `loss`, `grad_norm` (before clipping), `lr` (with `schedule`), `loss_scale`, and
     `skipped` (0/1), `skipped_total`.
@@ -198,6 +201,8 @@ def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: opt
     if micro_batch_size <= 0 or max_skipped <= 0:
         raise InputError(f"micro_batch_size={micro_batch_size} and max_skipped={max_skipped} must be positive")
     reduce_in_buckets = dp.size > 1 or distributed_optimizer
+    if compile:
+        loss_fn = torch.compile(loss_fn)
 
     def scaled_loss(params, micro_batch, scale):
         return loss_fn(params, micro_batch) * scale
