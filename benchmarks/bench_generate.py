@@ -34,10 +34,10 @@ CONFIG = mf.MistralConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_
                           max_seq_len=4096, sliding_window=None)
 
 
-def ours(params, prompts, new_tokens, device, compile_decode=False):
+def ours(params, config, prompts, new_tokens, device, compile_decode=False):
     """(seconds to the first token, seconds per decode step)."""
     times = [time.perf_counter()]
-    for _ in generate_stream(params, prompts, CONFIG, max_new_tokens=new_tokens, stop_ids=(),
+    for _ in generate_stream(params, prompts, config, max_new_tokens=new_tokens, stop_ids=(),
                              compile_decode=compile_decode):
         sync(device)
         times.append(time.perf_counter())
@@ -95,9 +95,9 @@ def main():
     with torch.inference_mode():
         for batch in map(int, args.batches.split(",")):
             prompts = torch.randint(3, CONFIG.vocab_size, (batch, args.prompt), generator=g).tolist()
-            ours(params, prompts, 4, device, compile_decode=True)  # compiles (tens of seconds on a CPU)
-            best = fastest({"ours": lambda: ours(params, prompts, args.new, device),
-                            "compiled": lambda: ours(params, prompts, args.new, device, compile_decode=True),
+            ours(params, CONFIG, prompts, 4, device, compile_decode=True)  # compiles (tens of seconds on a CPU)
+            best = fastest({"ours": lambda: ours(params, CONFIG, prompts, args.new, device),
+                            "compiled": lambda: ours(params, CONFIG, prompts, args.new, device, compile_decode=True),
                             "theirs": lambda: theirs(model, prompts, args.new, device)}, args.repeats)
             step = {name: s for name, (_, s) in best.items()}
             print(f"decode batch {batch}: transformers {batch / step['theirs']:,.1f} tokens/s "
@@ -107,7 +107,7 @@ def main():
                   f"{limit / step['compiled']:.0%})", flush=True)
         if args.prefill:
             prompt = torch.randint(3, CONFIG.vocab_size, (1, args.prefill), generator=g).tolist()
-            best = fastest({"ours": lambda: ours(params, prompt, 1, device),
+            best = fastest({"ours": lambda: ours(params, CONFIG, prompt, 1, device),
                             "theirs": lambda: theirs(model, prompt, 1, device)}, args.repeats)
             first = {name: f for name, (f, _) in best.items()}
             print(f"prefill {args.prefill} tokens: ours {first['ours'] * 1e3:,.0f} ms, transformers "

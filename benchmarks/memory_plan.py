@@ -8,12 +8,12 @@ the memory flags, and a check of the prediction against the measured peak of rea
 The model counts what this implementation keeps, not a textbook formula: per decoder layer autograd saves
 (per token, e = compute bytes, t = tp, D dim, H/KV heads of hd, F ffn)
 
-    2 RMSNorms   2 (e D + 4)                  input, float32 1/rms (`fused.RMSNorm`)   (/t with SP)
-    attention    e D + e (2 H + 2 KV) hd / t + 4 H / t   input of q/k/v, q, k, v, output, logsumexp
-    MLP          e D + 2 e F / t              input of gate/up, gate, up (`fused.SwiGLULinear`)
+    2 RMSNorms   2 (e D + 4)                  input, float32 1/rms (`fused.NormLinear`)   (/t with SP)
+    attention    e (2 H + 2 KV) hd / t + 4 H / t   q, k, v, output, logsumexp
+    MLP          2 e F / t                    gate, up (`fused.SwiGLULinear`)
 
-where the inputs of the column-parallel matmuls are the whole gathered sequence even with SP (Megatron
-re-gathers them in backward instead; we do not). With recomputation a layer keeps only its input, and its
+where the normalised inputs of the column-parallel matmuls (the whole gathered sequence under SP) are
+rebuilt in backward, as Megatron does, rather than stored. With recomputation a layer keeps only its input, and its
 activations exist again while its backward runs. The peak is the largest of: forward end, each layer's
 backward (saved activations of the layers below, the gradients produced so far, that layer's backward
 workspace) and the optimizer update. Parameters, gradient buffers and moments follow `train.make_train_step`
@@ -79,8 +79,8 @@ def layer_activations(s: Setup) -> int:
     b, seq = s.micro_batch_size, s.seq_length
     local_seq = seq // t if s.sequence_parallel else seq
     norms = 2 * b * local_seq * (e * c.dim + 4)
-    attn = b * seq * (e * c.dim + e * (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim // t + 4 * c.n_heads // t)
-    mlp = b * seq * (e * c.dim + 2 * e * c.ffn_dim // t)
+    attn = b * seq * (e * (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim // t + 4 * c.n_heads // t)
+    mlp = b * seq * 2 * e * c.ffn_dim // t
     return norms + attn + mlp
 
 

@@ -97,7 +97,7 @@ def generate_stream(params, prompts: Sequence[Sequence[int]], config: MistralCon
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     repetition_penalty: float = 1.0, seed: int = 0, stop_ids: Sequence[int] | None = None,
                     stop_strings: Sequence[str] = (), tokenizer=None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                    compile_decode: bool = False, tp: TensorParallel = SINGLE_DEVICE) -> Iterator[list[int | None]]:
+                    compile_decode: bool | str = False, tp: TensorParallel = SINGLE_DEVICE) -> Iterator[list[int | None]]:
     """Yield, once per decoding step, a list with the new token of each prompt, or None for a prompt
     that has finished (at this step or before).
 
@@ -107,7 +107,8 @@ def generate_stream(params, prompts: Sequence[Sequence[int]], config: MistralCon
     otherwise tokens are drawn with a generator seeded by `seed` (see `sampling.sample`).
     `compile_decode` runs the one-token decode step (`decode_logits`: the model, the cache update and the
     head) as one `torch.compile`d graph with static shapes: compiled once, tens of seconds on a CPU; then
-    no per-op overhead, and on a CPU each weight matrix is read in one fused pass (`kernels.linear`).
+    no per-op overhead, and on a CPU each weight matrix is read in one fused pass (`kernels.linear`). A string
+    is a `torch.compile` mode, e.g. `"reduce-overhead"` (CUDA graphs on a GPU).
     """
     check_prompts(prompts, config, max_new_tokens)
     check_params(params, config, tp.size)  # before the cache reads the tree
@@ -132,7 +133,8 @@ def generate_stream(params, prompts: Sequence[Sequence[int]], config: MistralCon
     position = positions[:, -1:]
     decode = decode_logits
     if compile_decode:  # sized for every step below; `written` as a tensor keeps one compiled graph
-        decode, cache = torch.compile(decode_logits), kv_cache.as_decode_cache(cache)
+        mode = compile_decode if isinstance(compile_decode, str) else None
+        decode, cache = torch.compile(decode_logits, mode=mode), kv_cache.as_decode_cache(cache)
     for step in range(max_new_tokens):
         next_ids = sampling.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                    repetition_penalty=repetition_penalty, seen=seen, generator=generator)

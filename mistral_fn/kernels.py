@@ -62,6 +62,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+def norm_linear(h: torch.Tensor, weight: torch.Tensor, eps: float, tp, *ws: torch.Tensor) -> list[torch.Tensor]:
+    """`[linear(x, w) for w in ws]` with `x = tp.copy_to(rms_norm(h, weight, eps))`: a pre-norm into
+    column-parallel layers. With autograd recording on CPU/GPU `fused.NormLinear` stores `h` and the inverse
+    RMS instead of the normalised (under SP, gathered) `x`."""
+    if not _fused_npu(h) and _saves_less(h, weight, *ws):
+        return list(fused.NormLinear.apply(h, weight, eps, tp, *ws)[:-1])
+    x = tp.copy_to(rms_norm(h, weight, eps))
+    return [linear(x, w) for w in ws]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half rotary embedding of `x` `[B, T, N, hd]` with `cos`, `sin` `[B, T, 1, hd]`."""
     if _fused_npu(x):

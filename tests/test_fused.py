@@ -103,6 +103,23 @@ def test_rms_norm_function_equals_plain_ops_and_stores_less(dtype, rtol):
     assert _saved_floats(function, x, weight) < _saved_floats(plain, x, weight) - x.numel() // 2
 
 
+def test_norm_linear_function_equals_plain_ops_and_rebuilds_the_normalised_input():
+    h, weight = _randn(2, 7, 16), 1 + 0.1 * _randn(16, seed=1)
+    ws = [_randn(12, 16, seed=2), _randn(4, 16, seed=3)]
+
+    def plain(h, weight, *ws):
+        x = weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+        return torch.cat([F.linear(x, w) for w in ws], dim=-1)
+
+    def function(h, weight, *ws):
+        return torch.cat(fused.NormLinear.apply(h, weight, 1e-5, mf.SINGLE_DEVICE, *ws)[:-1], dim=-1)
+
+    _close_to_float64(function, plain, [h, weight, *ws], rtol=1e-5)
+    weights = weight.numel() + sum(w.numel() for w in ws)
+    assert _saved_floats(function, h, weight, *ws) == h.numel() + h.numel() // 16 + weights  # h, 1/rms
+    assert _saved_floats(plain, h, weight, *ws) > 2 * h.numel() + weights
+
+
 def test_swiglu_linear_function_equals_plain_ops_and_stores_less():
     gate, up, w = _randn(2, 5, 24), _randn(2, 5, 24, seed=1), _randn(16, 24, seed=2)
     plain = lambda g, u, w: F.linear(F.silu(g) * u, w)  # noqa: E731
