@@ -45,12 +45,9 @@ SEVEN_B = dict(vocab=32000, dim=4096, heads=32, kv_heads=8, ffn=14336)
 TINY = dict(vocab=512, dim=64, heads=4, kv_heads=2, ffn=224)
 
 
-def datasheet(table: dict[str, float], device: torch.device) -> float | None:
-    """The entry whose key occurs in the device's name (the longest such key), else None."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    keys = [k for k in table if k in name]
+def datasheet(table: dict[str, float], device_name: str) -> float | None:
+    """The entry whose key occurs in `device_name` (the longest such key), else None."""
+    keys = [k for k in table if k in device_name]
     return table[max(keys, key=len)] if keys else None
 
 
@@ -189,8 +186,9 @@ def main(argv=None):
     dtype = bench_train_step.DTYPES[args.dtype]
     measured = matmul_peak_flops(device, dtype, n=512 if args.tiny else 8192, repeats=3 if args.tiny else 20)["peak"]
     bandwidth = read_bandwidth(device, nbytes=(64 if args.tiny else 4096) * 2**20)
-    peaks = {"datasheet": (datasheet(PEAK_BF16, device) or 0) * 1e12, "measured": measured}
-    bandwidths = {"datasheet": (datasheet(HBM_GBPS, device) or 0) * 1e9, "measured": bandwidth}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peaks = {"datasheet": (datasheet(PEAK_BF16, name) or 0) * 1e12, "measured": measured}
+    bandwidths = {"datasheet": (datasheet(HBM_GBPS, name) or 0) * 1e9, "measured": bandwidth}
     print(f"{time.strftime('%Y-%m-%d %H:%M')}: {describe_machine(device)}\nmatmul peak {args.dtype}: measured "
           f"{measured / 1e12:.1f} TFLOP/s, datasheet {peaks['datasheet'] / 1e12 or float('nan'):.1f}; read bandwidth "
           f"measured {bandwidth / 1e9:,.0f} GB/s, datasheet {bandwidths['datasheet'] / 1e9 or float('nan'):,.0f}\n"

@@ -42,8 +42,8 @@ def best_seconds(fn, repeats: int, device: torch.device) -> float:
 def describe_machine(device: torch.device) -> str:
     """One line: the processor (or GPU), its cores and relevant ISA flags, and torch's thread count."""
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} ({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} " \
-               f"GiB), torch {torch.__version__}"
+        memory = torch.cuda.get_device_properties(device).total_memory / 2**30
+        return f"{torch.cuda.get_device_name(device)} ({memory:.0f} GiB), torch {torch.__version__}"
     name, flags = platform.processor() or "unknown CPU", set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -57,8 +57,8 @@ def describe_machine(device: torch.device) -> str:
     except OSError:
         pass
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name}, {os.cpu_count()} cores ({', '.join(isa) or 'no AVX2'}), {torch.get_num_threads()} torch threads, " \
-           f"torch {torch.__version__}"
+    return f"{name}, {os.cpu_count()} cores ({', '.join(isa) or 'no AVX2'}), {torch.get_num_threads()} torch " \
+           f"threads, torch {torch.__version__}"
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> dict[str, float]:
@@ -74,7 +74,7 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, r
     return out
 
 
-def read_bandwidth(device: torch.device, nbytes: int = 512 * 2**20, repeats: int = 10) -> float:
+def read_bandwidth(device: torch.device, nbytes: int = 512 * 2**20, repeats: int = 30) -> float:
     """Bytes per second read by a sum over an `nbytes` float32 buffer (best of `repeats`): the practical
     limit of any kernel that streams its operands from memory once."""
     x = torch.ones(nbytes // 4, device=device)

@@ -97,7 +97,8 @@ def generate_stream(params, prompts: Sequence[Sequence[int]], config: MistralCon
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     repetition_penalty: float = 1.0, seed: int = 0, stop_ids: Sequence[int] | None = None,
                     stop_strings: Sequence[str] = (), tokenizer=None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                    compile_decode: bool | str = False, tp: TensorParallel = SINGLE_DEVICE) -> Iterator[list[int | None]]:
+                    compile_decode: bool | str = False,
+                    tp: TensorParallel = SINGLE_DEVICE) -> Iterator[list[int | None]]:
     """Yield, once per decoding step, a list with the new token of each prompt, or None for a prompt
     that has finished (at this step or before).
 

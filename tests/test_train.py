@@ -68,6 +68,21 @@ def test_recompute_and_chunked_loss_give_same_value_and_grads(kw):
     assert max_diff(func_grads, ref_grads) < 1e-6
 
 
+def test_head_runs_only_at_positions_whose_loss_mask_is_set(monkeypatch):
+    """Prompt positions of instruction data (mask 0) get no logits: the head sees the masked-in rows only,
+    with the same loss and gradients as the full head (test above); all-ones masks and vmap keep every row."""
+    from mistral_fn import loss as loss_module
+    rows = []
+    original = loss_module._masked_loss_sum
+    monkeypatch.setattr(loss_module, "_masked_loss_sum", lambda head, h, *a: rows.append(h.shape[:2]) or
+                        original(head, h, *a))
+    params, batch = mf.init_params(CFG, seed=0), make_batch(2, ragged_mask=True)
+    train.value_and_grad(loss(chunk_size=5))(params, batch)
+    train.value_and_grad(loss(chunk_size=5))(params, {**batch, "loss_mask": torch.ones_like(batch["loss_mask"])})
+    torch.func.vmap(loss(chunk_size=5), in_dims=(None, 0))(params, {k: v[:, None] for k, v in batch.items()})
+    assert rows == [(1, int(batch["loss_mask"].sum())), (2, 16), (1, 16)]
+
+
 def test_recomputed_inputs_are_freed_once_their_backward_is_done():
     """Chained recomputed calls: the second one's input is freed before the first one's backward runs."""
     f = mf.remat.checkpoint(lambda w, x: (x @ w).tanh())
