@@ -112,6 +112,16 @@ def test_lora_resume_is_bit_exact(base, lora_run, mesh, tmp_path):
     for (name, a), (_, b) in zip(sorted(tensors(resumed).items()), sorted(tensors(save).items()), strict=True):
         assert torch.equal(a, b), name  # adapters, moments, counters and the data RNG
 
+    # --finetune: the adapters alone, from step 0 and the first batch
+    config = TrainConfig(**RUN, train_iters=1, load=str(base[0]), finetune=True, save=str(tmp_path / "finetuned"),
+                         lora=LoraArgs(MODELLINK, 4, 8, load=str(save / "iter_0000002")))
+    summary = train(config, mesh)
+    _, _, adapters = checkpoints.read_native_lora(save / "iter_0000002")
+    first = next(Data(config, CFG, "train", 0, 0, 1).batches(0, torch.Generator().manual_seed(config.seed)))
+    want = sum(mf.loss_fn(lora.apply(base[1], adapters), mb, CFG) for mb in mf.train.split_micro_batches(first, 1)) / 2
+    assert summary["start_step"] == 0 and summary["final_loss"] == pytest.approx(want.item(), rel=1e-6)
+    assert int(tensors(tmp_path / "finetuned")["train/opt_state/count"]) == 1
+
 
 def test_lora_training_equals_peft_with_torch_adamw(base, mesh, tmp_path):
     """The app's run on PEFT's targets (constant lr, weight decay, clipping) against transformers + peft +
@@ -172,27 +182,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _pretrain(*flags, nproc):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+           "-m", "experiments.pretrain", *map(str, flags)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.slow
-def test_tp2_sp_lora_run_equals_tp1_and_its_checkpoint_reshards(base, lora_run, mesh, tmp_path):
-    """ModelLink's spellings under torchrun: TP=2 with sequence parallelism against the one-process run, then
-    its step-2 adapters resumed on one process (resharded) continue the one-process loss curve."""
+def test_tp2_sp_lora_run_equals_tp1_and_resumes_resharded_on_zero1(base, lora_run, tmp_path):
+    """ModelLink's spellings under torchrun: TP=2 with sequence parallelism against the one-process run; its
+    step-2 adapters resumed on dp=2 with the distributed optimizer (resharded) continue the same loss curve."""
     save, _ = lora_run
     flags = ["--model=tiny", "--seq-length", "16", "--global-batch-size", "2", "--micro-batch-size", "1", "--lr",
              "2e-2", "--lr-decay-iters", "10", "--loss-chunk-size", "8", "--seed", "7", "--train-iters", "4",
              f"--load={base[0]}", "--lora-target-modules", *MODELLINK, "--lora-r", "4", "--lora-alpha", "8"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "experiments.pretrain", *flags, "--tensor-model-parallel-size", "2", "--sequence-parallel",
-           f"--save={tmp_path / 'tp2'}", "--save-interval", "2"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    _pretrain(*flags, "--tensor-model-parallel-size", "2", "--sequence-parallel", f"--save={tmp_path / 'tp2'}",
+              "--save-interval", "2", nproc=2)
     one, two = losses(save / "metrics.jsonl"), losses(tmp_path / "tp2" / "metrics.jsonl")
     assert one[-1] != one[0] and max(abs(a - b) for a, b in zip(one, two, strict=True)) < 1e-5
     assert native.read_metadata(tmp_path / "tp2", rank=1)["extra"]["tp"] == 2
     assert max_diff(checkpoints.read_native_lora(tmp_path / "tp2")[2], checkpoints.read_native_lora(save)[2]) < 1e-5
 
-    train(TrainConfig(**RUN, train_iters=4, load=str(base[0]), save=str(tmp_path / "tp1"), lora=LoraArgs(
-        MODELLINK, 4, 8, load=str(tmp_path / "tp2" / "iter_0000002"))), mesh)
-    assert losses(tmp_path / "tp1" / "metrics.jsonl") == pytest.approx(one[2:], abs=1e-5)
+    _pretrain(*flags, "--use-distributed-optimizer", "--overlap-grad-reduce", "--lora-load",
+              tmp_path / "tp2" / "iter_0000002", f"--save={tmp_path / 'zero'}", nproc=2)
+    assert native.read_metadata(tmp_path / "zero", rank=1)["extra"]["distributed_optimizer"]
+    assert losses(tmp_path / "zero" / "metrics.jsonl") == pytest.approx(one[2:], abs=1e-5)
+    assert max_diff(checkpoints.read_native_lora(tmp_path / "zero")[2], checkpoints.read_native_lora(save)[2]) < 1e-5
 
 
 def test_lora_flag_errors_name_the_flag(base, lora_run, mesh, tmp_path):
