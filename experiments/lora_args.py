@@ -53,11 +53,11 @@ class LoraArgs:
         return {"r": self.rank, "alpha": self.scale_alpha, "targets": list(self.target_modules)}
 
     def check_resume(self, saved: object, source: str) -> None:
-        """Raise unless `saved` (a checkpoint's recorded settings) are this run's: the same r, alpha and
-        target modules, by name (a fused `query_key_value` adapter is not three `q/k/v_proj` ones)."""
+        """Raise unless `saved` (the settings a checkpoint records; None: none) are this run's: the same r,
+        alpha and target modules, by name (a fused `query_key_value` adapter is not three `q/k/v_proj` ones)."""
         if not isinstance(saved, dict):
-            raise ConfigError(f"--lora_load={source}: not a LoRA checkpoint (no LoRA settings in its metadata); "
-                              "a full model goes to --load")
+            raise ConfigError(f"--lora_load={source}: not the native checkpoint of a LoRA run, which pretrain "
+                              "resumes (a full model goes to --load)")
         ours = self.settings()
         for key, flag in (("r", "lora_r"), ("alpha", "lora_alpha"), ("targets", "lora_target_modules")):
             mine, theirs = ours[key], saved.get(key)

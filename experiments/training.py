@@ -334,7 +334,8 @@ def train(config: TrainConfig, mesh: sharding.Mesh, log: "Logger | None" = None)
     if start.params is None:
         ckpt = _resume_native(config, ckpt, mesh, layout, rules)
     elif config.lora.load:
-        saved = native.read_metadata(config.lora.load, rank=0)["extra"].get(LORA_KEY)
+        saved = native.read_metadata(config.lora.load, rank=0)["extra"].get(LORA_KEY) \
+            if native.is_native(config.lora.load) else None
         config.lora.check_resume(saved, config.lora.load)
         ckpt = _resume_native(dataclasses.replace(config, load=config.lora.load), ckpt, mesh, layout, rules)
     state = ckpt["train"]

@@ -26,6 +26,7 @@ from experiments.training import Data, TrainConfig, lora_setup, train
 from mistral_fn import lora
 from mistral_fn.errors import CheckpointError, ConfigError
 from mistral_fn.params import leaves_with_paths, tree_map
+from mistral_fn.tokenizer import encode_conversation, load_tokenizer
 from tests.hf_reference import hf_model
 
 CFG = mf.MistralConfig.tiny()
@@ -226,8 +227,10 @@ def test_lora_flag_errors_name_the_flag(base, lora_run, mesh, tmp_path):
         train(TrainConfig(**RUN, load=str(base[0]), lora=LoraArgs(MODELLINK[:2], 4, 8, load=str(save))), mesh)
     full = tmp_path / "full"
     train(TrainConfig(**RUN, train_iters=1, save=str(full)), mesh)
-    with pytest.raises(ConfigError, match="not a LoRA checkpoint"):
-        train(TrainConfig(**RUN, load=str(base[0]), lora=LoraArgs(MODELLINK, load=str(full))), mesh)
+    adapter_dir = checkpoints.save_peft(tmp_path / "peft", CFG, checkpoints.read_native_lora(save)[2])
+    for wrong in (full, adapter_dir):  # a full run's checkpoint; PEFT adapters (for generate/evaluate)
+        with pytest.raises(ConfigError, match="not the native checkpoint of a LoRA run, which pretrain resumes"):
+            train(TrainConfig(**RUN, load=str(base[0]), lora=LoraArgs(MODELLINK, load=str(wrong))), mesh)
     with pytest.raises(CheckpointError, match="holds LoRA adapters, not a model; apply them to their base model"):
         checkpoints.load(save)
     other = mf.MistralConfig(vocab_size=32000, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160)
@@ -317,7 +320,9 @@ def test_generate_and_evaluate_with_lora_load_equal_the_merged_model(base, tmp_p
                   "up_proj"]
     with_lora = _cli("experiments.generate", f"--load={base[0]}", *prompt, *lora_flags)
     assert with_lora == _cli("experiments.generate", f"--load={tmp_path / 'merged'}", *prompt)
-    assert with_lora != _cli("experiments.generate", f"--load={base[0]}", *prompt)
+    ids = encode_conversation(load_tokenizer(), [{"role": "user", "content": "Name a colour."}], "mixtral")
+    merged = lora.merge(base[1], strong)  # the adapters change the greedy answer
+    assert mf.generate(merged, [ids], CFG, max_new_tokens=8) != mf.generate(base[1], [ids], CFG, max_new_tokens=8)
 
     data = os.path.join(os.path.dirname(__file__), "..", "experiments", "data", "mmlu", "test")
     scored = {}
