@@ -3,6 +3,9 @@
 
     python -m experiments.evaluate --task=mmlu --data_path=mmlu/data/test --load=ckpt/hf \
         --protocol=modellink --num_fewshot=5 --results_path=results/mmlu.json --batch_size=8
+
+`--lora_load` (a LoRA run's native checkpoint or a PEFT directory) evaluates the model with those adapters
+merged in, as generate does.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 under `torchrun`, on a tensor-parallel mesh of all the processes (each keeps its Megatron shard).
 
 Checkpoint formats are `checkpoints.load`'s business: an HF directory, a Megatron (ModelLink legacy
-TP x PP) directory, or a native training checkpoint.
+TP x PP) directory, or a native training checkpoint. LoRA adapters (`--lora_load`: a LoRA run's native
+checkpoint or a PEFT directory) are merged into the loaded model once, on each rank's shards, so
+inference runs the plain model: the same as loading the merged checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch
 
 import checkpoints
 import sharding
+from experiments.lora_args import LoraArgs
+from mistral_fn import lora
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import CheckpointError, InputError
 from mistral_fn.params import tree_map
@@ -55,6 +59,19 @@ def load_for_inference(args) -> tuple[MistralConfig, dict, Tokenizer, sharding.M
     config, params, tokenizer, mesh = load_model_and_tokenizer(args.load, args.tokenizer or "", args.dtype, args.device,
                                                                rotary_base=args.arch.rotary_base)
     config = args.arch.check(config, args.load)
+    if args.lora.load:
+        params = merge_adapters(params, config, args.lora, mesh)
     if args.seq_length is not None:
         config = config.replace(max_seq_len=min(config.max_seq_len, args.seq_length))
     return config, params, tokenizer, mesh
+
+
+def merge_adapters(params, config: MistralConfig, args: LoraArgs, mesh: sharding.Mesh) -> dict:
+    """`params` (this rank's shards on `mesh`) with the adapters of `args.load` merged in (`mf.lora.merge`),
+    after checking the given `--lora_*` flags against them."""
+    adapters = checkpoints.load_lora(args.load, config)
+    args.check_adapters(adapters, args.load)
+    if mesh.size > 1:
+        adapters = sharding.shard(adapters, sharding.match(adapters, sharding.with_lora_rules(
+            sharding.mistral_rules(config))), mesh.shape, mesh.coords)
+    return lora.merge(params, tree_map(lambda x: x.to(mesh.device), adapters))

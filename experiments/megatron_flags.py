@@ -18,6 +18,7 @@ import torch
 from absl import flags
 
 from experiments.architecture import Architecture
+from experiments.lora_args import DEFAULT_ALPHA, DEFAULT_R, LoraArgs
 from mistral_fn.errors import ConfigError
 
 # ---- architecture (checked) --------------------------------------------------------------------------
@@ -71,7 +72,21 @@ flags.DEFINE_bool("fp16", False, "float16 compute")
 flags.DEFINE_integer("seed", 1234, "random seed")
 flags.DEFINE_string("device", None, "cpu, cuda or npu (default: the best available)")
 
+# ---- LoRA (honoured; see experiments.lora_args) -------------------------------------------------------
+flags.DEFINE_list("lora_target_modules", [], "LoRA on these modules (ModelLink's query_key_value, dense, "
+                  "dense_h_to_4h, dense_4h_to_h or PEFT's q_proj, ..., down_proj); empty: no LoRA")
+flags.DEFINE_integer("lora_r", None, f"LoRA rank (default {DEFAULT_R}; inference: checked against --lora_load)")
+flags.DEFINE_float("lora_alpha", None, f"LoRA scaling numerator, scale = alpha / r (default {DEFAULT_ALPHA}; "
+                   "inference: checked)")
+flags.DEFINE_string("lora_load", None, "LoRA adapters: pretrain resumes them (a LoRA run's native checkpoint); "
+                    "generate/evaluate merge them (native or a PEFT directory) into the --load model")
+
 F = flags.FLAGS
+
+
+def lora_args() -> LoraArgs:
+    """The `--lora_*` flags, read once."""
+    return LoraArgs(tuple(F.lora_target_modules), F.lora_r, F.lora_alpha, F.lora_load)
 
 
 def architecture() -> Architecture:
@@ -109,8 +124,8 @@ def precision() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class InferenceArgs:
-    """What generate and evaluate load: the checkpoint, its tokenizer, dtype, device, TP size and the
-    architecture flags to check it against."""
+    """What generate and evaluate load: the checkpoint, its tokenizer, dtype, device, TP size, the
+    architecture flags to check it against and the LoRA adapters to merge into it."""
 
     load: str
     tokenizer: str | None
@@ -119,6 +134,7 @@ class InferenceArgs:
     tensor_model_parallel_size: int | None
     seq_length: int | None
     arch: Architecture
+    lora: LoraArgs = LoraArgs()
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -134,8 +150,11 @@ def inference_args(dtype_name: str) -> InferenceArgs:
     for name in ("tensor_model_parallel_size", "seq_length"):
         if F[name].value is not None and F[name].value < 1:
             raise ConfigError(f"--{name}={F[name].value} must be >= 1")
+    lora = lora_args()
+    if lora.enabled and not lora.load:
+        raise ConfigError("--lora_target_modules without --lora_load: there are no adapters to apply")
     return InferenceArgs(F.load, tokenizer_source(), dtype, F.device, F.tensor_model_parallel_size, F.seq_length,
-                         architecture())
+                         architecture(), lora)
 
 
 _KERNELS = {  # flag -> {device type: what this run uses}
