@@ -79,7 +79,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(native, "save_file", broken)
+    monkeypatch.setattr(native, "write_safetensors", broken)
     with pytest.raises(OSError, match="disk full"):
         native.save_native(tmp_path, 2, fresh())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "latest", "owner.msgpack"]
