@@ -92,12 +92,15 @@ def main(argv):
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments {argv[1:]}; every option is a --flag")
     config = config_from_flags()
-    mesh = sharding.Mesh(config.mesh_shape(int(os.environ.get("WORLD_SIZE", "1"))), F.device)
+    mesh = sharding.Mesh(config.mesh_shape(int(os.environ.get("WORLD_SIZE", "1"))), F.device,
+                         timeout=megatron_flags.distributed_timeout())
     try:
         megatron_flags.report_kernels(mesh)
         train(config, mesh)
-    finally:
-        mesh.close()
+    except BaseException:
+        mesh.abort()
+        raise
+    mesh.close()
 
 
 if __name__ == "__main__":
