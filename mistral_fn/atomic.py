@@ -127,10 +127,11 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False):
         raise CheckpointError(f"{target}: already exists; pass overwrite to replace it")
     _check_writable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if recover(target) and not overwrite:
+    restored = recover(target)
+    sweep(target)
+    if restored and not overwrite:
         raise CheckpointError(f"{target}: already exists (restored from an interrupted replace); pass overwrite "
                               "to replace it")
-    sweep(target)
     tmp = partial_path(target)
     try:
         with naming(target):
