@@ -24,7 +24,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from mistral_fn.data.handlers import PretrainHandler
 from mistral_fn.errors import CheckpointError, ConfigError, InputError
 from mistral_fn.tokenizer import default_tokenizer_path, load_tokenizer
 from tests.app_runner import leftovers
+from tests.native_ranks import save_tp_ranks
 from tests.snapshots import contents, one_line
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,24 +70,6 @@ def _preprocess(source: Path, prefix: Path) -> None:
     from experiments.preprocess_data import PreprocessConfig, run
     run(PreprocessConfig(input=str(source), output_prefix=str(prefix), handler=PretrainHandler(("text",)),
                          tokenizer=load_tokenizer()))
-
-
-def _native_tp2(root: Path, params, config) -> Path:
-    """A TP=2 native checkpoint of `params` as a training run lays out its model (two ranks, one run)."""
-    specs = sharding.match(params, sharding.mistral_rules(config))
-    barrier = threading.Barrier(2)
-
-    def save(rank):
-        local = sharding.shard(params, specs, {"tp": 2}, {"tp": rank})
-        checkpoints.save_native(root, 1, {"train": {"params": local}}, extra={"tp": 2, "dp": 1, "config": config.to_hf()},
-                                rank=rank, world_size=2, barrier=barrier.wait)
-
-    threads = [threading.Thread(target=save, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return root
 
 
 class _Payload:
@@ -121,8 +103,8 @@ def build_world(w: Path, scratch: Path) -> None:
     state["payload"] = _Payload(scratch / "payload_ran")
     save_pt(state, rank0)
     full = mf.params.cast(params, torch.float32)
-    _native_tp2(w / "native_mixed", full, WORDS)
-    _native_tp2(scratch / "native_other", mf.params.tree_map(lambda x: x + 1, full), WORDS)
+    save_tp_ranks(w / "native_mixed", 1, full, WORDS)
+    save_tp_ranks(scratch / "native_other", 1, mf.params.tree_map(lambda x: x + 1, full), WORDS)
     for name in ("rank_001.safetensors", "rank_001.msgpack"):
         shutil.copyfile(scratch / "native_other" / "iter_0000001" / name, w / "native_mixed" / "iter_0000001" / name)
     nan = mf.init_params(WORDS, seed=0)
