@@ -10,10 +10,12 @@ from checkpoints.native import (is_native, latest_step, list_steps, load_native,
                                 verify_ranks)
 from checkpoints.native_params import read_native_params
 from checkpoints.owner import SaveClaim, claim_save_dir
+from checkpoints.peft import load_peft, save_peft
 
 __all__ = ["load", "open_checkpoint", "detect_format", "Checkpoint",
            "load_hf", "save_hf", "lazy_hf", "hf_names", "copy_tokenizer_files", "companion_files",
            "lazy_megatron", "load_megatron", "read_megatron", "save_megatron",
            "save_native", "load_native", "read_metadata", "latest_step", "list_steps", "is_native", "verify_ranks",
            "read_native_params", "claim_save_dir", "SaveClaim",
-           "atomic_dir", "atomic_file", "LazyTensor", "materialize"]
+           "atomic_dir", "atomic_file", "LazyTensor", "materialize",
+           "save_peft", "load_peft"]

@@ -31,10 +31,11 @@ import sharding
 from checkpoints import native
 from checkpoints.lazy import materialize
 from checkpoints.megatron import read_megatron, save_megatron
+from sharding.train_state import StateLayout, as_tree, gather_state, nest, scatter_state
 from experiments.architecture import Architecture
 from mistral_fn import optim, train as mf_train
 from mistral_fn.data import GPTDataset, InstructionDataset, iterate_batches
-from mistral_fn.errors import CheckpointError, ConfigError, DivergenceError
+from mistral_fn.errors import ConfigError, DivergenceError
 from mistral_fn.params import INIT_STD, cast, leaves_with_paths, map_with_path
 from mistral_fn.tokenizer import load_tokenizer
 
@@ -122,6 +123,9 @@ class TrainConfig:
             raise ConfigError("--finetune needs --load")
         if self.is_instruction_dataset and not self.data_path:
             raise ConfigError("--is_instruction_dataset needs --data_path")
+        if self.sequence_parallel and self.seq_length % self.tensor_model_parallel_size:
+            raise ConfigError(f"--sequence_parallel: --seq_length={self.seq_length} is not divisible by "
+                              f"--tensor_model_parallel_size={self.tensor_model_parallel_size}")
         if (self.save_interval or self.exit_interval or self.keep_last) and not self.save:
             raise ConfigError("--save_interval/--exit_interval/--keep_last need --save")
 
@@ -263,7 +267,7 @@ def train(config: TrainConfig, mesh: sharding.Mesh, log: "Logger | None" = None)
         raise ConfigError(f"the mesh {mesh.shape} does not match the run's {shape}")
     tp_size, dp_size = shape["tp"], shape["dp"]
     rank, tp_rank, dp_rank = mesh.rank, mesh.coords.get("tp", 0), mesh.coords.get("dp", 0)
-    dp = sharding.GroupTP(mesh.group("dp")) if dp_size > 1 else mf.SINGLE_DEVICE
+    dp = mesh.dp
     barrier = dist.barrier if mesh.size > 1 else None
     claim = checkpoints.claim_save_dir(config.save, config.load, finetune=config.finetune, rank=rank,
                                        barrier=barrier) if config.save else None
@@ -287,35 +291,36 @@ def train(config: TrainConfig, mesh: sharding.Mesh, log: "Logger | None" = None)
     step_fn = mf_train.make_train_step(loss, opt, micro_batch_size=config.micro_batch_size, dp=dp, tp=mesh.tp,
                                        sharded_paths=sharded_paths, max_grad_norm=config.clip_grad or None,
                                        compute_dtype=config.compute_dtype, loss_scale=loss_scale, schedule=sched,
-                                       max_skipped=config.max_skipped_steps, donate=True)
+                                       max_skipped=config.max_skipped_steps, donate=True,
+                                       distributed_optimizer=config.distributed_optimizer,
+                                       overlap_grad_reduce=config.overlap_grad_reduce)
 
     full = start.params if start.params is not None else mf.init_params(model, device="meta")
     local = sharding.shard(full, specs, {"tp": tp_size}, {"tp": tp_rank})
     params = pytree.tree_map(lambda x: x.to(mesh.device), local) if start.params is not None else \
         pytree.tree_map(lambda x: torch.zeros(x.shape, dtype=torch.float32, device=mesh.device), local)
     del full, local
-    state = mf_train.init_train_state(params, opt, loss_scale=loss_scale)
+    layout = state_layout(config, shape)
+    state = mf_train.init_train_state(params, opt, loss_scale=loss_scale, dp=dp,
+                                      distributed_optimizer=layout.distributed_optimizer,
+                                      compute_dtype=layout.compute_dtype)
     state = state._replace(step=torch.tensor(start.step), consumed_samples=torch.tensor(start.consumed_samples))
     ckpt = {"train": state, "rng": torch.Generator().manual_seed(config.seed).get_state()}
     if start.params is None:
-        ckpt = _resume_native(config, ckpt, rank, tp_size, dp_size)
+        ckpt = _resume_native(config, ckpt, mesh, layout, rules)
     state = ckpt["train"]
     first_step = int(state.step)
     generator = torch.Generator()
     generator.set_state(ckpt["rng"])
 
     log = log or Logger(rank == 0, _metrics_path(config))
-    pending = [name for name in ("sequence_parallel", "distributed_optimizer", "overlap_grad_reduce")
-               if getattr(config, name)]
-    if pending:
-        log.text(f"note: {', '.join(pending)} accepted but not active in this build (plain TP x DP runs)")
     log.text(f"model {config.model if not config.load else config.load}: "
              f"{mf.count_params(mf.init_params(model, device='meta')):,} params (vocab padded to {padded}); "
              f"mesh {mesh.shape} on {mesh.device}; steps {first_step}..{config.train_iters}")
 
     def save(step: int) -> None:
         tree = {"train": state, "rng": generator.get_state()}
-        extra = {"tp": tp_size, "dp": dp_size, "config": model.to_hf()}
+        extra = {"tp": tp_size, "dp": dp_size, "config": model.to_hf(), **layout_extra(layout)}
         path = native.save_native(config.save, step, tree, extra=extra, run_id=claim.run_id, rank=rank,
                                   world_size=mesh.size, keep=config.keep_last, barrier=barrier)
         if config.save_format == "megatron":
@@ -367,20 +372,55 @@ def train(config: TrainConfig, mesh: sharding.Mesh, log: "Logger | None" = None)
     return summary
 
 
-def _resume_native(config: TrainConfig, ckpt: dict, rank: int, tp_size: int, dp_size: int) -> dict:
-    """`ckpt` restored from the native checkpoint `config.load` (its optimizer/RNG kept fresh where asked)."""
-    meta = native.read_metadata(config.load, rank=rank)
-    if (meta["extra"].get("tp"), meta["extra"].get("dp")) != (tp_size, dp_size):
-        raise CheckpointError(f"{config.load}: saved with tp={meta['extra'].get('tp')}, dp={meta['extra'].get('dp')}; "
-                              f"this run has tp={tp_size}, dp={dp_size}")
-    loaded, _ = native.load_native(config.load, ckpt, rank=rank)
+def state_layout(config: TrainConfig, mesh_shape: dict[str, int]) -> StateLayout:
+    """How this run's train state lies on its mesh (ZeRO-1 keeps the params in the compute dtype)."""
+    zero = config.distributed_optimizer
+    return StateLayout(mesh_shape, zero, config.compute_dtype if zero else None)
+
+
+def layout_extra(layout: StateLayout) -> dict:
+    """The layout as native checkpoint metadata (beside "tp" and "dp")."""
+    dtype = layout.compute_dtype
+    return {"distributed_optimizer": layout.distributed_optimizer,
+            "compute_dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
+
+
+def saved_layout(extra: dict) -> StateLayout:
+    """The `StateLayout` a native checkpoint was saved with (checkpoints from before ZeRO-1: plain tp x dp)."""
+    dtype = extra.get("compute_dtype")
+    return StateLayout({"dp": extra.get("dp", 1), "tp": extra.get("tp", 1)}, bool(extra.get("distributed_optimizer")),
+                       getattr(torch, dtype) if dtype else None)
+
+
+def _resume_native(config: TrainConfig, ckpt: dict, mesh: sharding.Mesh, layout: StateLayout, rules) -> dict:
+    """`ckpt` restored from the native checkpoint `config.load` (its optimizer/RNG kept fresh where asked).
+
+    A checkpoint saved on another mesh (tp x dp, with or without ZeRO-1) is resharded: every saved rank is
+    read, the whole state gathered and this rank's part cut out (`sharding.train_state`); this holds the
+    full state in each process, fine for small models (7B: reshard offline, a few paths at a time).
+    """
+    source = saved_layout(native.read_metadata(config.load, rank=0)["extra"])
+    if source == layout:
+        loaded, _ = native.load_native(config.load, ckpt, rank=mesh.rank)
+    else:
+        sizes = list(source.mesh_shape.values())
+        pieces = [_rank_tensors(config.load, rank) for rank in range(math.prod(sizes))]
+        full = gather_state(nest(pieces, sizes), source, rules)
+        loaded = as_tree(scatter_state(full, layout, mesh.coords, rules), ckpt)
     fresh = ckpt["train"]
     if config.finetune:
-        return {**ckpt, "train": fresh._replace(params=loaded["train"].params)}
+        return {**ckpt, "train": fresh._replace(params=loaded["train"].params, master=loaded["train"].master)}
     state = loaded["train"]
     if config.no_load_optim:
         state = state._replace(opt_state=fresh.opt_state, loss_scale=fresh.loss_scale)
     return {"train": state, "rng": ckpt["rng"] if config.no_load_rng else loaded["rng"]}
+
+
+def _rank_tensors(root: str, rank: int) -> dict[str, torch.Tensor]:
+    """Every tensor a rank saved, `{path: tensor}`, checked as `native.load_native` checks them."""
+    stored = native.read_metadata(root, rank=rank)["tensors"]
+    template = {name: torch.empty(shape, dtype=getattr(torch, kind)) for name, (kind, shape) in stored.items()}
+    return native.load_native(root, template, rank=rank)[0]
 
 
 def evaluate(config: TrainConfig, loss, params, data: Data, dp, device) -> float:

@@ -19,6 +19,7 @@ from mistral_fn.generate import generate, generate_stream, next_token_logits, st
 from mistral_fn.kv_cache import init_cache  # noqa: E402
 from mistral_fn.model import forward_with_cache, hidden_states_with_cache  # noqa: E402
 from mistral_fn import optim, remat, train  # noqa: E402
+from mistral_fn import lora  # noqa: E402
 from mistral_fn.train import DivergenceError, TrainState, init_train_state, make_train_step, value_and_grad  # noqa: E402
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "forward_with_cache", "hidden_states_with_cache", "kv_cache", "sampling", "evaluation",
     "optim", "remat", "train", "make_train_step", "init_train_state", "value_and_grad", "TrainState",
     "DivergenceError",
+    "lora",
 ]

@@ -28,7 +28,9 @@ Worked example, W = S = 4, one row, a 6-token prompt prefilled in one chunk, the
     decode t=7: slot 3 drops position 3                               -> pos = [4, 5, 6, 7]
 
 The buffers are updated in place and the returned cache shares them, like a JAX function whose cache
-argument is donated: always continue from the returned cache, never from the one passed in.
+argument is donated: always continue from the returned cache, never from the one passed in. Under vmap,
+forward-mode AD or nested gradients (which cannot write a transformed value into a plain buffer) the
+returned cache holds new buffers instead; the values are the same.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ from typing import Callable
 
 import torch
 
+from mistral_fn import tracing
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import InputError
-from mistral_fn.kernels import band_mask
+from mistral_fn.attention import KeyMask
 
 Cache = dict
 
@@ -67,13 +70,14 @@ class CacheStep:
     """How one chunk of C columns meets the cache (shared by all layers of one forward).
 
     `index` `[n]`: slots receiving the chunk's last n = min(C, S) tokens; `write_first`: see the module
-    docstring; `mask` `[B, 1, C, K]` bool over the K keys attended to (S, or S + C); `pos`: the
-    cache's `pos` after the write.
+    docstring; `mask`: which of the K keys attended to (S, or S + C) each of the C queries sees, as
+    positions (`mask.rows(i, j)` is the bool `[B, 1, j - i, K]` block; no `[C, K]` tensor is kept);
+    `pos`: the cache's `pos` after the write.
     """
 
     index: torch.Tensor
     write_first: bool
-    mask: torch.Tensor
+    mask: KeyMask
     pos: torch.Tensor
 
 
@@ -96,32 +100,38 @@ def plan_step(cache: Cache, positions: torch.Tensor, window: int | None) -> Cach
         key_pos, own = pos, columns % slots
     else:
         key_pos, own = torch.cat([old, stored], dim=1), slots + torch.arange(chunk, device=old.device)
-    keys = torch.arange(key_pos.shape[1], device=old.device)
-    visible = band_mask(positions, window, key_pos) & (key_pos >= 0)[:, None, :]
-    # Every query also sees its own key, so padding rows are never fully masked (which would give NaN).
-    visible = visible | (keys == own[:, None])
-    return CacheStep(index, write_first, visible[:, None], pos)
+    # Empty slots and padding (position -1) are never visible, except that every query sees its own
+    # key, so padding rows are never fully masked (which would give NaN).
+    return CacheStep(index, write_first, KeyMask(positions, key_pos, window, key_pos >= 0, own), pos)
 
 
 def layer_update(cache: Cache, layer: int, step: CacheStep) -> Callable:
-    """`kv(k, v) -> (keys, values)` for layer `layer`: writes the chunk's k/v `[B, C, KV, hd]` into
-    the cache and returns the `[B, K, KV, hd]` keys/values its queries attend over."""
-    k_buf, v_buf = cache["k"][layer], cache["v"][layer]
+    """`kv(k, v) -> (keys, values)` for layer `layer` of the cache `advance` returned: writes the chunk's
+    k/v `[B, C, KV, hd]` into the cache and returns the `[B, K, KV, hd]` keys/values its queries
+    attend over."""
     n = step.index.numel()
 
     def kv(k, v):
-        if step.write_first:
-            k_buf.index_copy_(1, step.index, k)
-            v_buf.index_copy_(1, step.index, v)
-            return k_buf, v_buf
-        keys, values = torch.cat([k_buf, k], dim=1), torch.cat([v_buf, v], dim=1)
-        k_buf.index_copy_(1, step.index, k[:, k.shape[1] - n:])
-        v_buf.index_copy_(1, step.index, v[:, v.shape[1] - n:])
-        return keys, values
+        k_buf, v_buf = cache["k"][layer], cache["v"][layer]
+        if not step.write_first:  # the old slots with the new keys, read before the write
+            attended = torch.cat([k_buf, k], dim=1), torch.cat([v_buf, v], dim=1)
+        cache["k"][layer] = _write(k_buf, step.index, k[:, k.shape[1] - n:])
+        cache["v"][layer] = _write(v_buf, step.index, v[:, v.shape[1] - n:])
+        return (cache["k"][layer], cache["v"][layer]) if step.write_first else attended
 
     return kv
 
 
+def _write(buf: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`buf` with slots `index` (dim 1) set to `x`: in place, or as a new tensor when a transform is
+    active that cannot write into a plain buffer (see the module docstring)."""
+    if tracing.only_reverse_mode():
+        return buf.index_copy_(1, index, x)
+    return buf.index_copy(1, index, x)
+
+
 def advance(cache: Cache, step: CacheStep, chunk: int) -> Cache:
-    """The cache after `step` wrote `chunk` columns (same buffers, new `pos` and `written`)."""
-    return {**cache, "pos": step.pos, "written": cache["written"] + chunk}
+    """The cache after `step` writes `chunk` columns: new `pos` and `written`, and new lists holding the
+    same buffers, which `layer_update` then writes (so the caller's lists are never modified)."""
+    return {**cache, "k": list(cache["k"]), "v": list(cache["v"]), "pos": step.pos,
+            "written": cache["written"] + chunk}

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import InputError
-from mistral_fn import remat
+from mistral_fn import remat, tracing
 from mistral_fn.model import forward, hidden_states, output_logits
 from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel
 from mistral_fn.vocab_parallel import IGNORE_INDEX, vocab_parallel_cross_entropy
@@ -35,7 +35,7 @@ def loss_fn(params, batch: dict, config: MistralConfig, *, tp: TensorParallel = 
     """Mean next-token loss over unmasked tokens.
 
     batch: `tokens`, `labels` (already shifted: labels[t] is the token after tokens[t]) and
-    `loss_mask`, each `[B, T]`; optional `positions`. Returns a float32 scalar.
+    `loss_mask`, each `[B, T]`; optional `positions`. Returns a float32 scalar (float64 for float64 params).
 
     `recompute=True` recomputes each decoder layer in backward (`remat.checkpoint`, Megatron's
     `--recompute-granularity full`). `chunk_size=c` computes the head and cross-entropy over `c`
@@ -49,7 +49,7 @@ def loss_fn(params, batch: dict, config: MistralConfig, *, tp: TensorParallel = 
         mask = batch["loss_mask"].to(losses.dtype)
         return (losses * mask).sum() / mask.sum().clamp_min(1.0)
     h = hidden_states(params, batch["tokens"], config, positions=batch.get("positions"), tp=tp, recompute=recompute)
-    mask = batch["loss_mask"].float()
+    mask = batch["loss_mask"].to(torch.promote_types(h.dtype, torch.float32))
     total = _masked_loss_sum(params["output"], h, batch["labels"], mask, config, tp, chunk_size)
     return total / mask.sum().clamp_min(1.0)
 
@@ -59,7 +59,11 @@ def _masked_loss_sum(head, h, labels, mask, config, tp, chunk_size: int | None) 
 
     One device: `_ChunkedHeadLoss` (gradients formed chunk by chunk in forward, nothing recomputed).
     Under TP: each chunk's vocab-parallel head + loss under `remat.checkpoint` (recomputed in backward).
-    Without grad mode (evaluation): plain chunks.
+    Without grad mode (evaluation), under torch.compile, and under vmap, forward-mode AD or nested
+    gradients (`tracing.only_reverse_mode()` False): plain chunks, recomputed in backward where that applies.
+    Under SP, `h` is this rank's slice of the sequence: a chunk takes `chunk_size / tp` positions of every
+    rank's slice (gathered by the head), and the labels and mask of those same positions. Sums are in
+    `mask.dtype` (float32, or float64 for float64 params).
     """
 
     def piece(w, hc, lc, mc):
@@ -69,13 +73,24 @@ def _masked_loss_sum(head, h, labels, mask, config, tp, chunk_size: int | None) 
         return piece(head, h, labels, mask)
     if chunk_size <= 0:
         raise InputError(f"loss chunk_size must be a positive integer, got {chunk_size}")
-    if tp.size == 1 and torch.is_grad_enabled():
+    if tp.size == 1 and torch.is_grad_enabled() and tracing.only_reverse_mode() and not torch.compiler.is_compiling():
         return _ChunkedHeadLoss.apply(head, h, labels, mask, chunk_size, config.vocab_size)[0]
     piece = remat.checkpoint(piece) if torch.is_grad_enabled() else piece
-    total = h.new_zeros((), dtype=torch.float32)
-    for s in range(0, h.shape[1], chunk_size):
-        total = total + piece(head, h[:, s:s + chunk_size], labels[:, s:s + chunk_size], mask[:, s:s + chunk_size])
+    step = max(chunk_size // tp.size, 1) if tp.sequence_parallel else chunk_size
+    total = h.new_zeros((), dtype=mask.dtype)
+    for s in range(0, h.shape[1], step):
+        ls, ms = (_gathered_chunk(x, s, step, tp) for x in (labels, mask))
+        total = total + piece(head, h[:, s:s + step], ls, ms)
     return total
+
+
+def _gathered_chunk(x: torch.Tensor, start: int, length: int, tp: TensorParallel) -> torch.Tensor:
+    """The columns of `x` `[B, T]` that match the head input `h[:, start:start + length]` once `tp.copy_to`
+    has gathered it: the same slice of the sequence, or under SP that slice of every rank's part in rank order."""
+    if not tp.sequence_parallel:
+        return x[:, start:start + length]
+    n = x.shape[1] // tp.size
+    return torch.cat([x[:, r * n + start:r * n + min(start + length, n)] for r in range(tp.size)], dim=1)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -90,13 +105,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(w, h, labels, mask, chunk, vocab):
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_w = torch.zeros_like(w, dtype=torch.float32)
+        total = torch.zeros((), dtype=mask.dtype, device=h.device)
+        grad_w = torch.zeros_like(w, dtype=mask.dtype)
         grad_h = torch.empty_like(h)
         for s in range(0, h.shape[1], chunk):
             hc, lc = h[:, s:s + chunk], labels[:, s:s + chunk]
-            mc = (mask[:, s:s + chunk] * (lc != IGNORE_INDEX)).float()
-            logits = F.linear(hc, w).float()
+            mc = (mask[:, s:s + chunk] * (lc != IGNORE_INDEX)).to(mask.dtype)
+            logits = F.linear(hc, w).to(mask.dtype)
             if w.shape[0] > vocab:
                 logits[..., vocab:] = float("-inf")
             target = lc.clamp_min(0)[..., None]
@@ -122,5 +137,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_w, _grad_h):
         grad_w, grad_h = ctx.saved_tensors  # scaled in place: this backward runs once
-        grad_w = grad_w.mul_(grad_total).to(ctx.w_dtype)
-        return grad_w, grad_h.mul_(grad_total.to(grad_h.dtype)), None, None, None, None
+        if tracing.is_batched(grad_total):  # jacrev: one cotangent per lane, so no in-place scaling
+            grad_w, grad_h = grad_w * grad_total, grad_h * grad_total.to(grad_h.dtype)
+        else:
+            grad_w, grad_h = grad_w.mul_(grad_total), grad_h.mul_(grad_total.to(grad_h.dtype))
+        return grad_w.to(ctx.w_dtype), grad_h, None, None, None, None

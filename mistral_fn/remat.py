@@ -5,6 +5,10 @@
 recording and saves only its floating-point tensor inputs; backward re-runs `fn` under
 `torch.func.vjp` and returns the input cotangents. Peak memory per call is then the inputs plus one
 recomputation, at the price of one extra forward.
+
+Recomputation only changes what reverse mode stores. Under vmap, forward-mode AD or nested gradients
+(`tracing.only_reverse_mode()` is False), which the single-backward Function does not support,
+`checkpoint(fn)` calls `fn` directly: the same values and derivatives, without the memory saving.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Callable
 
 import torch
 from torch.utils import _pytree as pytree
+
+from mistral_fn import tracing
 
 
 def _is_primal(x) -> bool:
@@ -33,20 +39,10 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        primals = ctx.saved_tensors
-        wanted = [i for i, need in enumerate(ctx.needs_input_grad[1:]) if need]
-
-        def partial_run(*chosen):
-            full = list(primals)
-            for i, x in zip(wanted, chosen):
-                full[i] = x
-            return ctx.run(*full)
-
-        _, vjp_fn = torch.func.vjp(partial_run, *(primals[i] for i in wanted))
-        grads = [None] * len(primals)
-        for i, g in zip(wanted, vjp_fn(grad_out)):
-            grads[i] = g
-        return (None, *grads)
+        # Cotangents for every primal, needed or not: under torch.compile `needs_input_grad` reads
+        # False for parameters that do need gradients, which silently zeroed them.
+        _, vjp_fn = torch.func.vjp(ctx.run, *ctx.saved_tensors)
+        return (None, *vjp_fn(grad_out))
 
 
 def checkpoint(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -58,15 +54,21 @@ def checkpoint(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """
 
     def wrapped(*args):
+        if not tracing.only_reverse_mode():
+            return fn(*args)
         leaves, treedef = pytree.tree_flatten(args)
         slots = [i for i, x in enumerate(leaves) if _is_primal(x)]
+        inputs = [leaves[i] for i in slots]
+        # `run` keeps the constants only: the tensors are saved for backward, which frees them once this call's
+        # backward is done (a closure over them would hold them until the whole backward ends)
+        constants = [None if _is_primal(x) else x for x in leaves]
 
         def run(*primals):
-            full = list(leaves)
+            full = list(constants)
             for i, x in zip(slots, primals):
                 full[i] = x
             return fn(*pytree.tree_unflatten(full, treedef))
 
-        return _Recompute.apply(run, *(leaves[i] for i in slots))
+        return _Recompute.apply(run, *inputs)
 
     return wrapped

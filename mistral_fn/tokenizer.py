@@ -15,6 +15,8 @@ Templates (`TEMPLATES`, `get_template`):
                      `"<s>"` prefix is parsed as BOS by HF `encode`, which adds another.
   alpaca             ModelLink RC2 `--inference-prompt-type alpaca`.
   plain              BOS and the contents, nothing else (ModelLink's default `llama` prompt type).
+  alpaca_training    BOS + the prompt part of `ALPACA_TRAINING` (ModelLink's instruction-tuning text), so a
+                     model fine-tuned on a `GeneralInstructionHandler` dataset is asked in its own format.
 `ALPACA_TRAINING` is the different alpaca text ModelLink's `GeneralInstructionHandler` trains on.
 """
 
@@ -140,6 +142,31 @@ ALPACA_SYSTEM = ("Below is an instruction that describes a task, paired with an 
                  "context. Write a response that appropriately completes the request. Please note that you need "
                  "to think through your response logically and step by step.")
 
+
+@dataclasses.dataclass(frozen=True)
+class InstructionTemplate:
+    """ModelLink RC2's training text for an instruction/input/output row (`Prompter(AlpacaTemplate)`).
+
+    text = "\\n" + system + "\\n" + "### Instruction:\\n" + instruction + "\\n" + input + "\\n"
+           + "### Response:\\n" + output + "\\n"
+    The prompt part (masked out of the labels) is the text up to the last `response_marker`, plus the
+    marker and "\\n", exactly as ModelLink cuts it.
+    """
+
+    system: str
+    user: str = "### Instruction:\n{instruction}\n{input}\n"
+    response_marker: str = "### Response:"
+
+    def text(self, instruction: str, input: str, output: str) -> str:
+        user = self.user.format(instruction=instruction, input=input)
+        return f"\n{self.system}\n{user}{self.response_marker}\n{output}\n"
+
+    def prompt_of(self, text: str) -> str:
+        return text.rsplit(self.response_marker, 1)[0] + self.response_marker + "\n"
+
+
+ALPACA_TRAINING = InstructionTemplate(system=ALPACA_SYSTEM)
+
 TEMPLATES = {t.name: t for t in (
     ChatTemplate("mistral", user="[INST] {content} [/INST]", assistant_eos=True,
                  system="{system}\n\n{content}", per_turn=True),
@@ -147,6 +174,10 @@ TEMPLATES = {t.name: t for t in (
     ChatTemplate("mixtral_modellink", user="[INST] {content} [/INST] ", bos=2),
     ChatTemplate("alpaca", user="### Instruction:\n{content}\n\n### Response:", prefix=ALPACA_SYSTEM + "\n\n"),
     ChatTemplate("plain", user="{content}"),
+    # ModelLink's instruction-tuning text (GeneralInstructionHandler): asks a model fine-tuned on it in its own format
+    ChatTemplate("alpaca_training", prefix=f"\n{ALPACA_TRAINING.system}\n", assistant="{content}\n",
+                 user=ALPACA_TRAINING.user.format(instruction="{content}", input="") + ALPACA_TRAINING.response_marker
+                 + "\n"),
 )}
 
 
@@ -214,26 +245,3 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, template: ChatTemplate | st
     return encode_conversation(tokenizer, messages + [{"role": "user", "content": prompt}], template)
 
 
-@dataclasses.dataclass(frozen=True)
-class InstructionTemplate:
-    """ModelLink RC2's training text for an instruction/input/output row (`Prompter(AlpacaTemplate)`).
-
-    text = "\\n" + system + "\\n" + "### Instruction:\\n" + instruction + "\\n" + input + "\\n"
-           + "### Response:\\n" + output + "\\n"
-    The prompt part (masked out of the labels) is the text up to the last `response_marker`, plus the
-    marker and "\\n", exactly as ModelLink cuts it.
-    """
-
-    system: str
-    user: str = "### Instruction:\n{instruction}\n{input}\n"
-    response_marker: str = "### Response:"
-
-    def text(self, instruction: str, input: str, output: str) -> str:
-        user = self.user.format(instruction=instruction, input=input)
-        return f"\n{self.system}\n{user}{self.response_marker}\n{output}\n"
-
-    def prompt_of(self, text: str) -> str:
-        return text.rsplit(self.response_marker, 1)[0] + self.response_marker + "\n"
-
-
-ALPACA_TRAINING = InstructionTemplate(system=ALPACA_SYSTEM)

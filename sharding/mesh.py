@@ -18,8 +18,8 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from mistral_fn import device as _device
 from mistral_fn.errors import ConfigError
-from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel
-from sharding.collectives import GroupTP
+from mistral_fn.parallel import SINGLE_DEVICE, DataParallel, TensorParallel
+from sharding.collectives import GroupDP, GroupTP
 from sharding.shard import check_mesh
 
 AXES = ("pp", "dp", "tp")
@@ -30,13 +30,14 @@ class Mesh:
     """This process's place on a mesh of `shape` (e.g. `{"tp": 8}` or `{"dp": 2, "tp": 4}`).
 
     `shape` and `coords` are dicts in axis order; `device` is this process's device; `tp` is the
-    `TensorParallel` the model takes (`SINGLE_DEVICE` when the tp axis has size 1: no collective).
-    `timeout` bounds the rendezvous and every collective's wait for a peer (Megatron's
-    `--distributed-timeout-minutes`; None: torch's default).
+    `TensorParallel` the model takes (`SINGLE_DEVICE` when the tp axis has size 1: no collective), with
+    Megatron's sequence parallelism when `sequence_parallel` (and tp > 1); `dp` is the train step's
+    `DataParallel` (`SINGLE_DEVICE` when the dp axis has size 1). `timeout` bounds the rendezvous and every
+    collective's wait for a peer (Megatron's `--distributed-timeout-minutes`; None: torch's default).
     """
 
-    def __init__(self, shape: Mapping[str, int], device_type: str | None = None,
-                 timeout: datetime.timedelta | None = None):
+    def __init__(self, shape: Mapping[str, int], device_type: str | None = None, *,
+                 sequence_parallel: bool = False, timeout: datetime.timedelta | None = None):
         unknown = [axis for axis in shape if axis not in AXES]
         if unknown:
             raise ConfigError(f"unknown mesh axis {unknown[0]!r}; known axes: {', '.join(AXES)}")
@@ -51,7 +52,9 @@ class Mesh:
         self._mesh = None if world == 1 else _device_mesh(self.device_type, self.shape, timeout)
         self.coords = dict(zip(self.shape, self._mesh.get_coordinate() if self._mesh else [0] * len(self.shape)))
         self.rank = dist.get_rank() if self._mesh else 0
-        self.tp: TensorParallel = SINGLE_DEVICE if self.shape.get("tp", 1) == 1 else GroupTP(self.group("tp"))
+        self.tp: TensorParallel = (SINGLE_DEVICE if self.shape.get("tp", 1) == 1
+                                   else GroupTP(self.group("tp"), sequence_parallel))
+        self.dp: DataParallel = SINGLE_DEVICE if self.shape.get("dp", 1) == 1 else GroupDP(self.group("dp"))
 
     def group(self, axis: str) -> dist.ProcessGroup:
         """The process group of this rank's peers along `axis` (needs a multi-process mesh)."""

@@ -76,11 +76,21 @@ def _shard_leaf(path: str, x: torch.Tensor, spec: PartitionSpec, mesh_shape, coo
         if axis is None:
             continue
         n = mesh_shape[axis]
+        if spec.head_dim is not None:
+            _check_heads(path, x.shape[dim], dim, spec.head_dim, axis, n)
         if x.shape[dim] % n:
             raise ConfigError(f"{path}: dim {dim} of size {x.shape[dim]} is not divisible by mesh axis {axis}={n}")
         block = x.shape[dim] // n
         x = x.narrow(dim, coords[axis] * block, block)
     return x.clone(memory_format=torch.contiguous_format)
+
+
+def _check_heads(path: str, size: int, dim: int, head_dim: int, axis: str, n: int) -> None:
+    if size % head_dim:
+        raise ConfigError(f"{path}: dim {dim} of size {size} is not a whole number of heads of head_dim={head_dim}")
+    if (size // head_dim) % n:
+        raise ConfigError(f"{path}: {size // head_dim} heads (dim {dim} of size {size}, head_dim={head_dim}) are not "
+                          f"divisible by mesh axis {axis}={n}; a rank would hold part of a head")
 
 
 def _pad(path: str, x: torch.Tensor, spec: PartitionSpec, mesh_shape) -> torch.Tensor:

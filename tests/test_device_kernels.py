@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import mistral_fn as mf
-from mistral_fn import device, kernels
+from mistral_fn import attention, device
 
 
 def test_cpu_selection_and_backends():
@@ -41,9 +41,9 @@ def test_broken_torch_npu_import_means_no_npu(monkeypatch):
 
 
 def test_npu_attention_arguments():
-    assert kernels.npu_attention_args(16, None) == {"sparse_mode": 2}
-    assert kernels.npu_attention_args(16, 32) == {"sparse_mode": 2}
-    assert kernels.npu_attention_args(16, 4) == {"sparse_mode": 4, "pre_tockens": 3, "next_tockens": 0}
+    assert attention.npu_attention_args(16, None) == {"sparse_mode": 2}
+    assert attention.npu_attention_args(16, 32) == {"sparse_mode": 2}
+    assert attention.npu_attention_args(16, 4) == {"sparse_mode": 4, "pre_tockens": 3, "next_tockens": 0}
 
 
 def _fake_torch_npu(calls):
@@ -90,12 +90,51 @@ def test_npu_path_equals_reference_path(monkeypatch, window):
     fused = mf.forward(params, tokens, cfg)
     assert len(calls) == cfg.n_layers
     assert calls[0] == ("BSND", 4, 2 if window is None else 4, 2**31 - 1 if window is None else window - 1,
-                        2**31 - 1 if window is None else 0, (kernels.NPU_MASK_SIZE,) * 2)
+                        2**31 - 1 if window is None else 0, (attention.NPU_MASK_SIZE,) * 2)
     assert (fused - reference).abs().max().item() < 1e-5
 
 
 def test_band_mask_counts_the_query_itself():
-    mask = kernels.band_mask(torch.arange(6), 3)
+    mask = attention.band_mask(torch.arange(6), 3)
     assert mask.sum(-1).tolist() == [1, 2, 3, 3, 3, 3]
     assert mask[5].tolist() == [False, False, False, True, True, True]
-    assert math.isclose(float(kernels.band_mask(torch.arange(4), None).sum()), 10)
+    assert math.isclose(float(attention.band_mask(torch.arange(4), None).sum()), 10)
+
+
+def _recording(fake, names):
+    """`fake` with every kernel also appending its name to `names`."""
+    def record(name, kernel):
+        return lambda *args, **kwargs: names.append(name) or kernel(*args, **kwargs)
+    return types.SimpleNamespace(**{name: record(name, kernel) for name, kernel in vars(fake).items()})
+
+
+@pytest.mark.parametrize("transform", ["grad", "jvp", "vmap", "grad_of_grad"])
+def test_npu_kernels_give_way_to_the_torch_path_under_transforms(monkeypatch, transform):
+    """Under one reverse pass the fused kernels run; under forward mode, vmap and nested gradients
+    (which they cannot follow) the torch path runs. Either way the numbers equal the CPU reference."""
+    cfg = mf.MistralConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=40, sliding_window=3)
+    params = mf.init_params(cfg, seed=1)
+    tokens = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def loss(norm):
+        return mf.forward({**params, "norm": norm}, tokens, cfg).pow(2).mean()
+
+    def run():
+        norm = params["norm"]
+        if transform == "grad":
+            return torch.func.grad(loss)(norm)
+        if transform == "jvp":
+            return torch.func.jvp(loss, (norm,), (torch.ones_like(norm),))[1]
+        if transform == "vmap":
+            return torch.func.vmap(loss)(torch.stack([norm, 2 * norm]))
+        return torch.func.grad(lambda n: torch.func.grad(loss)(n).sum())(norm)
+
+    reference = run()
+    names = []
+    monkeypatch.setattr(device, "torch_npu", lambda: _recording(_fake_torch_npu([]), names))
+    monkeypatch.setattr(device, "is_npu", lambda x: True)
+    torch.testing.assert_close(run(), reference, rtol=1e-4, atol=1e-6)
+    if transform == "grad":
+        assert set(names) == {"npu_fusion_attention", "npu_rms_norm", "npu_rotary_mul", "npu_swiglu"}
+    else:
+        assert names == []

@@ -96,7 +96,7 @@ def test_ring_buffer_worked_example():
     assert cache["pos"].tolist() == [[4, 5, 6, 3]]
     step = kv_cache.plan_step(cache, torch.tensor([[7]]), config.sliding_window)
     assert step.pos.tolist() == [[4, 5, 6, 7]]
-    assert step.mask[0, 0, 0].tolist() == [True, True, True, True]
+    assert step.mask.rows(0, 1)[0, 0, 0].tolist() == [True, True, True, True]
 
 
 def test_padding_is_never_attended():

@@ -4,7 +4,6 @@ goes back to HF with the seed's mg2hg command and loads in transformers with the
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -212,32 +211,3 @@ def test_the_seed_conversion_commands_run_unchanged(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, reference(tokens).logits)
     assert (hf / "mg2hg" / "tokenizer.model").read_bytes() == (hf / "tokenizer.model").read_bytes()
-
-
-@pytest.mark.slow
-def test_a_trained_checkpoint_goes_back_to_hf_with_the_seed_command(tmp_path):
-    """HF -> pretrain (TP=2 under torchrun, native ckpt/) -> the seed's mg2hg command -> transformers."""
-    config = mf.MistralConfig.tiny()
-    hf = hf_dir_with_tokenizer(tmp_path / "hf", config, seed=2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-         "-m", "experiments.pretrain", "--model=tiny", "--seq_length=32", "--train_iters=3", "--lr=1e-2",
-         "--global_batch_size=2", "--micro_batch_size=1", "--tensor_model_parallel_size=2", f"--load={hf}",
-         f"--save={tmp_path / 'ckpt'}"],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    run = mg2hg(tmp_path / "ckpt", hf)
-    assert run.returncode == 0, run.stderr
-    transformers = pytest.importorskip("transformers")
-    model = transformers.MistralForCausalLM.from_pretrained(hf / "mg2hg")
-    assert model.dtype == torch.bfloat16  # the original model's dtype, as ModelLink's save_huggingface_llama
-    _, trained = checkpoints.load(tmp_path / "ckpt")
-    _, original = checkpoints.load_hf(hf)
-    state = model.state_dict()
-    for path, name in checkpoints.hf_names(config).items():
-        weight = mf.params.get_path(trained, path)
-        assert torch.equal(state[name], weight.to(torch.bfloat16)), name
-    assert not torch.equal(state["model.layers.0.self_attn.q_proj.weight"], original["layers"][0]["attn"]["wq"])

@@ -16,3 +16,4 @@ def test_quickstart_notebook_runs():
     outputs = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
     assert "7,241,732,096 parameters" in outputs
     assert "per rank" in outputs
+    assert "per-example gradient norms" in outputs and "member 1 alone gives the same logits: True" in outputs

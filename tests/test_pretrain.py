@@ -63,11 +63,24 @@ def test_resume_equals_uninterrupted_run_bit_for_bit_and_exit_interval_stops(tmp
 
 
 @pytest.mark.slow
-def test_dp2_x_tp2_matches_one_process(tmp_path, reference):
-    pretrain(*TINY, "--tensor_model_parallel_size=2", f"--metrics_file={tmp_path}/m.jsonl", nproc=4)
+def test_dp2_x_tp2_with_sp_zero1_and_overlap_matches_one_process(tmp_path, reference):
+    """The seed's --sequence-parallel --use-distributed-optimizer --overlap-grad-reduce on a dp2 x tp2 mesh."""
+    pretrain(*TINY, "--tensor_model_parallel_size=2", "--sequence-parallel", "--use-distributed-optimizer",
+             "--overlap-grad-reduce", f"--metrics_file={tmp_path}/m.jsonl", nproc=4)
     got, ref = losses(tmp_path / "m.jsonl"), reference[1]
     assert len(got) == 6 and ref[-1] != ref[0]
-    assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-5
+    assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) < 1e-5
+
+
+@pytest.mark.slow
+def test_resume_on_another_mesh_continues_the_loss_curve(tmp_path, reference):
+    """Saved on one process (tp1 dp1, plain optimizer), resumed resharded on dp2 with ZeRO-1, then on tp2."""
+    pretrain(*TINY, f"--load={reference[0]}/iter_0000003", f"--save={tmp_path}/zero", "--exit_interval=5",
+             "--use-distributed-optimizer", nproc=2)
+    meta = native.read_metadata(tmp_path / "zero", rank=1)["extra"]
+    assert (meta["tp"], meta["dp"], meta["distributed_optimizer"]) == (1, 2, True)
+    pretrain(*TINY, f"--load={tmp_path}/zero", f"--save={tmp_path}/zero", "--tensor_model_parallel_size=2", nproc=2)
+    assert losses(tmp_path / "zero" / "metrics.jsonl") == pytest.approx(reference[1][3:], abs=1e-6)
 
 
 @pytest.mark.slow

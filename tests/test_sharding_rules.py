@@ -164,8 +164,11 @@ def test_shard_and_unshard_errors_name_the_culprit():
         sh.shard(tree, specs, {"tp": 2}, {"tp": 2})
     with pytest.raises(ConfigError, match=r"must name exactly the mesh axes"):
         sh.shard(tree, specs, {"dp": 1, "tp": 2}, {"tp": 0})
-    with pytest.raises(ConfigError, match=r"^layers/0/attn/wq: dim 0 of size 64 is not divisible by mesh axis tp=5$"):
-        sh.shard(tree, {**specs, "embed": sh.P(None, None), "output": sh.P(None, None)}, {"tp": 5}, {"tp": 0})
+    with pytest.raises(ConfigError, match=r"^layers/0/mlp/w_gate: dim 0 of size 48 is not divisible by mesh axis "
+                                          r"tp=5$"):
+        sh.shard(tree, {**specs, "embed": sh.P(None, None), "output": sh.P(None, None),
+                        "layers": [{**layer, "attn": {k: sh.P(None, None) for k in layer["attn"]}}
+                                   for layer in specs["layers"]]}, {"tp": 5}, {"tp": 0})
     with pytest.raises(ConfigError, match=r"^norm: spec P\('pp'\) names mesh axis 'pp'"):
         sh.shard(tree, {**specs, "norm": sh.P("pp")}, {"tp": 2}, {"tp": 0})
     with pytest.raises(ConfigError, match=r"^embed: dim 0 has 1000 rows, expected the unpadded vocab 1001"):
@@ -179,6 +182,25 @@ def test_shard_and_unshard_errors_name_the_culprit():
         sh.unshard([{**p, "output": p["output"][:500]} for p in pieces], specs, {"tp": 2})
 
 
+@pytest.mark.parametrize("tp, culprit, heads, rows", [
+    (4, "layers/0/attn/wk", 2, 32),  # the tiny preset: 4 query heads, 2 kv heads of 16 rows
+    (8, "layers/0/attn/wq", 4, 64),
+])
+def test_shard_refuses_to_split_a_head(tp, culprit, heads, rows):
+    cfg = mf.MistralConfig.tiny()
+    tree = mf.init_params(cfg, device="meta")
+    specs = sh.match(tree, sh.mistral_rules(cfg))
+    with pytest.raises(ConfigError, match=rf"^{culprit}: {heads} heads \(dim 0 of size {rows}, head_dim=16\) are not "
+                                          rf"divisible by mesh axis tp={tp}; a rank would hold part of a head$"):
+        sh.shard(tree, specs, {"tp": tp}, {"tp": 0})
+    # the same rows split without head granularity: half heads, no error (what the spec prevents)
+    assert sh.shard(mf.params.get_path(tree, culprit), sh.P("tp", None), {"tp": tp}, {"tp": 0}).shape[0] == rows // tp
+    wo = sh.shard(tree["layers"][0]["attn"]["wo"], specs["layers"][0]["attn"]["wo"], {"tp": 2}, {"tp": 1})
+    assert wo.shape == (cfg.dim, 2 * cfg.head_dim)
+    with pytest.raises(ConfigError, match=r"^x: dim 1 of size 24 is not a whole number of heads of head_dim=16$"):
+        sh.shard({"x": torch.zeros(2, 24, device="meta")}, {"x": sh.P(None, "tp", head_dim=16)}, {"tp": 2}, {"tp": 0})
+
+
 def test_partition_spec_rejects_bad_specs():
     with pytest.raises(ConfigError, match="same mesh axis"):
         sh.P("tp", "tp")
@@ -189,6 +211,11 @@ def test_partition_spec_rejects_bad_specs():
     with pytest.raises(ConfigError, match="divisible_by=8 needs the unpadded size"):
         sh.P("tp", None, divisible_by=8)
     assert sh.P("tp", None) == sh.P("tp", None) and sh.P("tp", None) != sh.P(None, "tp")
+    with pytest.raises(ConfigError, match="in heads must split exactly one unpadded dim"):
+        sh.P("tp", None, unpadded=5, head_dim=2)
+    with pytest.raises(ConfigError, match="head_dim must be a positive integer, got 0"):
+        sh.P("tp", None, head_dim=0)
+    assert sh.P("tp", None, head_dim=4) != sh.P("tp", None)
     padded = sh.P("tp", None, unpadded=5, divisible_by=2)
     assert padded != sh.P("tp", None) and pickle.loads(pickle.dumps(padded)) == padded
 
@@ -236,6 +263,6 @@ def test_describe_prints_every_leaf_and_bytes_per_rank(capsys):
     sh.describe(mf.init_params(cfg, dtype=torch.bfloat16, device="meta"), sh.mistral_rules(cfg), {"tp": 8})
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 + 291 + 1
-    assert re.fullmatch(r"layers/0/attn/wk +1024x4096 +P\('tp', None\) +128x4096 +1,048,576", out[4])
+    assert re.fullmatch(r"layers/0/attn/wk +1024x4096 +P\('tp', None, head_dim=128\) +128x4096 +1,048,576", out[4])
     # 7,241,732,096 bf16 parameters over 8 ranks, plus 65 replicated norms' other 7/8.
     assert out[-1] == "291 leaves on mesh {'tp': 8}: 1,810,898,944 bytes (1.69 GiB) per rank"

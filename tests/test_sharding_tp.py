@@ -1,23 +1,22 @@
-"""Tensor-parallel forward, loss and gradients on 2 and 4 gloo processes equal one device; Mesh checks."""
+"""Tensor-parallel forward, loss and gradients (with and without sequence parallelism) on 2 and 4 gloo processes
+equal one device; Mesh checks."""
 
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import mistral_fn as mf
 import sharding as sh
 from mistral_fn.errors import ConfigError
 from mistral_fn.params import leaves_with_paths
+from tests.multirank import run_workers
 
 # Odd layer count, a window shorter than the sequence, a vocab that needs padding (1001 -> 1008 / 1024).
 CFG = mf.MistralConfig(vocab_size=1001, dim=32, n_layers=3, n_heads=8, n_kv_heads=4, ffn_dim=48,
@@ -39,42 +38,22 @@ def _batch():
     return {"tokens": x[:, :-1], "labels": labels, "loss_mask": mask}
 
 
-def _worker(rank: int, mesh_shape: dict, port: int, out_dir: str):
-    world = math.prod(mesh_shape.values())
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _worker(rank: int, mesh_shape: dict, out_dir: str):
     sh.validate_tp(CFG, mesh_shape["tp"], DIVISIBLE_BY)
     mesh = sh.Mesh(mesh_shape, device_type="cpu")
+    sp = sh.GroupTP(mesh.group("tp"), sequence_parallel=True)
     params = mf.init_params(CFG, seed=0)
     local = sh.shard(params, sh.match(params, RULES), mesh.shape, mesh.coords)
     batch = _batch()
-    logits = mf.forward(local, batch["tokens"], CFG, tp=mesh.tp)
-    grads, loss = torch.func.grad_and_value(mf.loss_fn)(local, batch, CFG, tp=mesh.tp)
-    torch.save({"coords": mesh.coords, "logits": logits, "loss": loss, "grads": grads}, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_workers(mesh_shape: dict, out_dir, timeout_s: float = 120.0) -> None:
-    """Run `_worker` on one process per mesh point; fail (never hang) if they take longer than `timeout_s`.
-
-    fork: the children inherit the imported torch, dynamo and mistral_fn (spawn re-imports them, ~5 s each).
-    """
-    world = math.prod(mesh_shape.values())
-    ctx = mp.start_processes(_worker, args=(mesh_shape, _free_port(), str(out_dir)), nprocs=world, join=False,
-                             start_method="fork")
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=max(deadline - time.monotonic(), 0.0)):
-        if time.monotonic() >= deadline:
-            for process in ctx.processes:
-                process.kill()
-            pytest.fail(f"{world} TP workers did not finish within {timeout_s:.0f} s")
+    out = {"coords": mesh.coords}
+    for name, tp, kw in (("tp", mesh.tp, {}), ("sp", sp, {}), ("sp_chunked", sp, dict(recompute=True, chunk_size=5))):
+        out[name] = {"logits": mf.forward(local, batch["tokens"], CFG, tp=tp)}
+        out[name]["grads"], out[name]["loss"] = torch.func.grad_and_value(mf.loss_fn)(local, batch, CFG, tp=tp, **kw)
+    try:
+        mf.forward(local, torch.zeros(1, 13, dtype=torch.long), CFG, tp=sp)
+    except mf.InputError as e:
+        out["sp_error"] = str(e)
+    torch.save(out, f"{out_dir}/rank{rank}.pt")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,31 +77,39 @@ def _nest(flat: list, sizes: list[int]) -> list:
     return [_nest(flat[i * step:(i + 1) * step], sizes[1:]) for i in range(sizes[0])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [{"tp": 2}, {"tp": 4}, {"dp": 2, "tp": 2}], ids=["tp2", "tp4", "dp2xtp2"])
-def test_tp_logits_loss_and_grads_equal_one_device(mesh, tmp_path, single_device):
+def test_tp_and_sp_logits_loss_and_grads_equal_one_device(mesh, tmp_path, single_device):
+    """TP, TP with sequence parallelism, and SP with recomputation and a chunked loss, against one device."""
     params, logits, loss, grads = single_device
-    _run_workers(mesh, tmp_path)
     world, tp = math.prod(mesh.values()), mesh["tp"]
+    run_workers(_worker, world, mesh, str(tmp_path))
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     # Megatron's rank order: tp is the innermost axis, so a TP group is adjacent ranks
     assert [r["coords"] for r in results] == [dict(zip(mesh, divmod(r, tp)[-len(mesh):])) for r in range(world)]
     padded = sh.padded_vocab_size(CFG.vocab_size, tp, DIVISIBLE_BY)
-    assert all(r["logits"].shape == (2, 12, padded // tp) for r in results)
-    assert torch.isinf(results[-1]["logits"][..., CFG.vocab_size - padded:]).all()  # padded columns are -inf
+    assert all(r["tp"]["logits"].shape == (2, 12, padded // tp) for r in results)
+    assert torch.isinf(results[-1]["tp"]["logits"][..., CFG.vocab_size - padded:]).all()  # padded columns are -inf
     for r in results[tp:]:  # data-parallel replicas compute the same thing, bit for bit
-        assert torch.equal(r["logits"], results[r["coords"]["tp"]]["logits"])
+        assert torch.equal(r["tp"]["logits"], results[r["coords"]["tp"]]["tp"]["logits"])
 
-    sizes = list(mesh.values())
-    tp_logits = sh.unshard(_nest([r["logits"] for r in results], sizes), LOGITS_SPEC, mesh)
-    errors = {"logits": _rel(tp_logits, logits)}
-    errors.update({f"loss rank {i}": _rel(r["loss"], loss) for i, r in enumerate(results)})
-    tp_grads = sh.unshard(_nest([r["grads"] for r in results], sizes), sh.match(params, RULES), mesh)
-    errors.update({path: _rel(g, ref)
-                   for (path, g), (_, ref) in zip(leaves_with_paths(tp_grads), leaves_with_paths(grads))})
+    sizes, specs = list(mesh.values()), sh.match(params, RULES)
+    errors = {}
+    for mode in ("tp", "sp", "sp_chunked"):
+        full_logits = sh.unshard(_nest([r[mode]["logits"] for r in results], sizes), LOGITS_SPEC, mesh)
+        errors[f"{mode} logits"] = _rel(full_logits, logits)
+        errors.update({f"{mode} loss rank {i}": _rel(r[mode]["loss"], loss) for i, r in enumerate(results)})
+        full_grads = sh.unshard(_nest([r[mode]["grads"] for r in results], sizes), specs, mesh)
+        errors.update({f"{mode} {path}": _rel(g, ref) for (path, g), (_, ref)
+                       in zip(leaves_with_paths(full_grads), leaves_with_paths(grads), strict=True)})
+        for name in ("embed", "output"):  # the padded vocab rows get no gradient
+            assert not torch.cat([r[mode]["grads"][name] for r in results[:tp]])[CFG.vocab_size:].any(), name
+        for r in results:  # replicated leaves (the norms) get the whole gradient on every rank, SP included
+            assert torch.equal(r[mode]["grads"]["norm"], results[0][mode]["grads"]["norm"]), mode
     print(f"{mesh}: max relative error {max(errors.values()):.2e} ({max(errors, key=errors.get)})")
     assert max(errors.values()) < TOLERANCE, {k: v for k, v in errors.items() if v >= TOLERANCE}
-    for name in ("embed", "output"):  # the padded vocab rows get no gradient
-        assert not torch.cat([r["grads"][name] for r in results[:tp]])[CFG.vocab_size:].any(), name
+    assert results[0]["sp_error"] == (f"sequence length 13 is not divisible by the tensor-parallel size {tp} "
+                                      "(sequence parallelism splits the sequence over the tp ranks)")
 
 
 def test_tp1_mesh_issues_no_collective(monkeypatch):
@@ -132,8 +119,9 @@ def test_tp1_mesh_issues_no_collective(monkeypatch):
     for name in ("all_reduce", "init_process_group", "new_group"):
         monkeypatch.setattr(dist, name, forbidden)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    mesh = sh.Mesh({"dp": 1, "tp": 1}, device_type="cpu")
-    assert mesh.tp is mf.SINGLE_DEVICE and mesh.coords == {"dp": 0, "tp": 0} and mesh.rank == 0
+    mesh = sh.Mesh({"dp": 1, "tp": 1}, device_type="cpu", sequence_parallel=True)
+    assert mesh.tp is mf.SINGLE_DEVICE and mesh.dp is mf.SINGLE_DEVICE
+    assert mesh.coords == {"dp": 0, "tp": 0} and mesh.rank == 0
     params = mf.init_params(CFG, seed=0)
     local = sh.shard(params, sh.match(params, RULES), mesh.shape, mesh.coords)
     torch.func.grad_and_value(mf.loss_fn)(local, _batch(), CFG, tp=mesh.tp)

@@ -121,3 +121,12 @@ def test_alpaca_training_text():
     text = ALPACA_TRAINING.text("Add.", "1 and 2", "3")
     assert text == f"\n{ALPACA_SYSTEM}\n### Instruction:\nAdd.\n1 and 2\n### Response:\n3\n"
     assert ALPACA_TRAINING.prompt_of(text) == f"\n{ALPACA_SYSTEM}\n### Instruction:\nAdd.\n1 and 2\n### Response:\n"
+
+
+def test_alpaca_training_template_asks_in_the_fine_tuning_format(tok):
+    """The prompt ids are exactly the masked prefix of a GeneralInstructionHandler sample of that instruction."""
+    from mistral_fn.data.handlers import InstructionHandler
+    sample = InstructionHandler(append_eod=True)(tok, {"instruction": "Sum the numbers.", "input": "", "output": "50"})
+    prompt = [int(i) for i, label in zip(sample["input_ids"], sample["labels"]) if label == -100]
+    assert encode_prompt(tok, "Sum the numbers.", "alpaca_training") == prompt
+    assert list(sample["input_ids"][:len(prompt)]) == prompt and len(prompt) < len(sample["input_ids"])

@@ -2,6 +2,7 @@
 
 import functools
 import math
+import weakref
 
 import pytest
 import torch
@@ -65,6 +66,21 @@ def test_recompute_and_chunked_loss_give_same_value_and_grads(kw):
     # and under torch.func too (remat.checkpoint composes with both)
     func_grads = torch.func.grad(loss(**kw))(params, batch)
     assert max_diff(func_grads, ref_grads) < 1e-6
+
+
+def test_recomputed_inputs_are_freed_once_their_backward_is_done():
+    """Chained recomputed calls: the second one's input is freed before the first one's backward runs."""
+    f = mf.remat.checkpoint(lambda w, x: (x @ w).tanh())
+    w = torch.randn(4, 4, requires_grad=True)
+    x0 = torch.randn(3, 4, requires_grad=True)
+    h1 = f(w, x0)
+    out = f(w, h1).sum()
+    h1_ref = weakref.ref(h1)
+    del h1
+    alive = []
+    x0.register_hook(lambda g: alive.append(h1_ref() is not None))
+    torch.autograd.grad(out, [w, x0])
+    assert alive == [False]
 
 
 def test_value_and_grad_is_pure_and_matches_torch_func():
@@ -221,10 +237,13 @@ def test_global_grad_norm_counts_sharded_leaves_across_ranks_and_replicated_once
 class FakeDP:
     """A dp group of 2 whose other rank holds identical gradients: sum = 2x."""
 
-    size = 2
+    size, rank = 2, 0
 
     def all_reduce(self, x, op="sum"):
         return x * 2
+
+    def all_reduce_(self, x, async_op=False):
+        x.mul_(2)
 
 
 def test_dp_all_reduce_averages_over_ranks():
