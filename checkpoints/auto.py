@@ -39,6 +39,8 @@ FORMATS = ("hf", "megatron", "native")
 def detect_format(path: str | os.PathLike) -> str:
     """"hf", "megatron" or "native" for a checkpoint directory; `CheckpointError` for anything else."""
     path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{path}: is a file; expected a checkpoint directory")
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     found = [fmt for fmt, present in (("hf", (path / "config.json").is_file()), ("megatron", (path / TRACKER).is_file()),

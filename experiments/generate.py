@@ -101,8 +101,10 @@ def main(argv):
     megatron_flags.report_kernels(mesh)
     try:
         converse(params, config, tokenizer, template, mesh)
-    finally:
-        mesh.close()
+    except BaseException:
+        mesh.abort()
+        raise
+    mesh.close()
 
 
 def converse(params, config, tokenizer, template, mesh) -> None:

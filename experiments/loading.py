@@ -9,6 +9,7 @@ inference runs the plain model: the same as loading the merged checkpoint.
 
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 
@@ -26,15 +27,17 @@ from mistral_fn.tokenizer import Tokenizer, load_tokenizer
 
 def load_model_and_tokenizer(load: str, tokenizer_model: str = "", dtype: torch.dtype | None = None,
                              device_type: str | None = None, rotary_base: float | None = None,
+                             timeout: datetime.timedelta | None = None,
                              ) -> tuple[MistralConfig, dict, Tokenizer, sharding.Mesh]:
     """`(config, params, tokenizer, mesh)`: the checkpoint sharded over a `{"tp": WORLD_SIZE}` mesh (the
     whole model when run without torchrun) on the mesh's device, and the tokenizer (`tokenizer_model`,
     else the checkpoint's own `tokenizer.model`, else the default Mistral v1 model), checked to agree
     with the checkpoint on the vocabulary size. A ModelLink checkpoint's rope base comes from
-    `rotary_base`, else from `tokenizer_model` when it is an HF model directory (see `checkpoints.load`)."""
+    `rotary_base`, else from `tokenizer_model` when it is an HF model directory (see `checkpoints.load`).
+    `timeout` bounds the mesh's waits for a peer (see `sharding.Mesh`)."""
     if not load:
         raise InputError("--load is required (a checkpoint directory)")
-    mesh = sharding.Mesh({"tp": int(os.environ.get("WORLD_SIZE", "1"))}, device_type=device_type)
+    mesh = sharding.Mesh({"tp": int(os.environ.get("WORLD_SIZE", "1"))}, device_type=device_type, timeout=timeout)
     hf_dir = tokenizer_model if tokenizer_model and Path(tokenizer_model).is_dir() else None
     config, params = checkpoints.load(load, dtype=dtype, rotary_base=rotary_base, hf_dir=hf_dir)
     source = tokenizer_model or (load if (Path(load) / "tokenizer.model").is_file() else None)
@@ -57,7 +60,7 @@ def load_for_inference(args) -> tuple[MistralConfig, dict, Tokenizer, sharding.M
         raise InputError(f"--tensor_model_parallel_size={args.tensor_model_parallel_size}: inference is tensor-"
                          f"parallel over all WORLD_SIZE={world} processes; launch {args.tensor_model_parallel_size}")
     config, params, tokenizer, mesh = load_model_and_tokenizer(args.load, args.tokenizer or "", args.dtype, args.device,
-                                                               rotary_base=args.arch.rotary_base)
+                                                               rotary_base=args.arch.rotary_base, timeout=args.timeout)
     config = args.arch.check(config, args.load)
     if args.lora.load:
         params = merge_adapters(params, config, args.lora, mesh)

@@ -13,6 +13,7 @@ The README's ModelLink section lists every flag of the seed's scripts and what i
 from __future__ import annotations
 
 import dataclasses
+import datetime
 
 import torch
 from absl import flags
@@ -50,6 +51,8 @@ for _name in KERNEL_FLAGS:
     flags.DEFINE_bool(_name, False, "kernel choice; the kernels are picked per device (see the log)")
 flags.DEFINE_enum("distributed_backend", None, ["nccl", "hccl", "gloo"],
                   "collective backend; the device's own is used (hccl on NPU, nccl on CUDA, gloo on CPU)")
+flags.DEFINE_float("distributed_timeout_minutes", 10, "how long a rendezvous or collective waits for a peer before "
+                   "the run stops with an error (Megatron's default: 10)")
 flags.DEFINE_integer("pipeline_model_parallel_size", 1, "must be 1 (no pipeline parallelism here)")
 flags.DEFINE_integer("tensor_model_parallel_size", None, "TP ranks (pretrain: default 1, dp = WORLD_SIZE / tp; "
                      "generate/evaluate: all WORLD_SIZE processes)")
@@ -115,6 +118,13 @@ def tokenizer_source() -> str | None:
     return F.tokenizer_model or F.tokenizer_name_or_path
 
 
+def distributed_timeout() -> datetime.timedelta:
+    """`--distributed_timeout_minutes`, checked to be > 0."""
+    if not F.distributed_timeout_minutes > 0:
+        raise ConfigError(f"--distributed_timeout_minutes={F.distributed_timeout_minutes} must be > 0")
+    return datetime.timedelta(minutes=F.distributed_timeout_minutes)
+
+
 def precision() -> str:
     """"bf16", "fp16" or "fp32" from `--bf16`/`--fp16`."""
     if F.bf16 and F.fp16:
@@ -125,7 +135,7 @@ def precision() -> str:
 @dataclasses.dataclass(frozen=True)
 class InferenceArgs:
     """What generate and evaluate load: the checkpoint, its tokenizer, dtype, device, TP size, the
-    architecture flags to check it against and the LoRA adapters to merge into it."""
+    architecture flags to check it against, the LoRA adapters to merge into it and the collectives' timeout."""
 
     load: str
     tokenizer: str | None
@@ -135,6 +145,7 @@ class InferenceArgs:
     seq_length: int | None
     arch: Architecture
     lora: LoraArgs = LoraArgs()
+    timeout: datetime.timedelta | None = None
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -154,7 +165,7 @@ def inference_args(dtype_name: str) -> InferenceArgs:
     if lora.enabled and not lora.load:
         raise ConfigError("--lora_target_modules without --lora_load: there are no adapters to apply")
     return InferenceArgs(F.load, tokenizer_source(), dtype, F.device, F.tensor_model_parallel_size, F.seq_length,
-                         architecture(), lora)
+                         architecture(), lora, distributed_timeout())
 
 
 _KERNELS = {  # flag -> {device type: what this run uses}

@@ -95,12 +95,14 @@ def main(argv):
         raise ConfigError(f"unexpected arguments {argv[1:]}; every option is a --flag")
     config = config_from_flags()
     mesh = sharding.Mesh(config.mesh_shape(int(os.environ.get("WORLD_SIZE", "1"))), F.device,
-                         sequence_parallel=config.sequence_parallel)
+                         sequence_parallel=config.sequence_parallel, timeout=megatron_flags.distributed_timeout())
     try:
         megatron_flags.report_kernels(mesh)
         train(config, mesh)
-    finally:
-        mesh.close()
+    except BaseException:
+        mesh.abort()
+        raise
+    mesh.close()
 
 
 if __name__ == "__main__":
