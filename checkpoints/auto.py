@@ -4,6 +4,8 @@
     config, params = checkpoints.load("model_weights/Mistral-7B-tp8-pp1", rotary_base=1e6)   # ModelLink files
     config, params = checkpoints.load("ckpt", hf_dir="model_from_hf/Mistral-7B-Instruct-v0.2")  # Megatron or native
 
+`load_lora` reads LoRA adapters the same way: a LoRA run's native checkpoint or a PEFT adapter directory.
+
 Formats: an HF directory (`config.json` + safetensors), a Megatron/ModelLink directory
 (`latest_checkpointed_iteration.txt`), a native training checkpoint (a root with `latest` or an owner
 file, or one `iter_*` directory: its model parameters). A directory that looks like two formats at
@@ -24,9 +26,12 @@ from checkpoints import native
 from checkpoints.hf import lazy_hf
 from checkpoints.lazy import materialize
 from checkpoints.megatron import TRACKER, read_megatron
-from checkpoints.native_params import read_native_params
+from checkpoints.native_params import read_native_lora, read_native_params
+from checkpoints.peft import CONFIG_FILE, load_peft
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import CheckpointError
+from mistral_fn.lora import LoraTree
+from mistral_fn.params import cast
 
 FORMATS = ("hf", "megatron", "native")
 
@@ -34,6 +39,8 @@ FORMATS = ("hf", "megatron", "native")
 def detect_format(path: str | os.PathLike) -> str:
     """"hf", "megatron" or "native" for a checkpoint directory; `CheckpointError` for anything else."""
     path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{path}: is a file; expected a checkpoint directory")
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     found = [fmt for fmt, present in (("hf", (path / "config.json").is_file()), ("megatron", (path / TRACKER).is_file()),
@@ -82,3 +89,26 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, *, rotary_ba
     (None: as stored; float16 is range-checked) and moved to `device` one at a time."""
     ckpt = open_checkpoint(path, rotary_base=rotary_base, hf_dir=hf_dir)
     return ckpt.config, materialize(ckpt.params, dtype, device)
+
+
+# Fields that fix the shapes of a model's adapters (`mistral_fn.params.param_shapes`).
+_ADAPTER_FIELDS = ("n_layers", "dim", "ffn_dim", "n_heads", "n_kv_heads", "head_dim")
+
+
+def load_lora(path: str | os.PathLike, config: MistralConfig, dtype: torch.dtype | None = None) -> LoraTree:
+    """The full adapters at `path` for a base model of `config`: a PEFT adapter directory
+    (`adapter_config.json`; targets are PEFT's module names) or a LoRA run's native checkpoint (a root
+    or one `iter_*` directory; targets as trained). Tensors as stored unless `dtype`. Adapters made for
+    another model shape are a `CheckpointError` naming the field."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return load_peft(path, config, dtype)
+    if not path.is_dir() or not native.is_native(path):
+        raise CheckpointError(f"{path}: not LoRA adapters (expected a PEFT directory with {CONFIG_FILE} or a "
+                              "native checkpoint of a LoRA training run)")
+    trained_on, _, tree = read_native_lora(path)
+    for field in _ADAPTER_FIELDS:
+        if getattr(trained_on, field) != getattr(config, field):
+            raise CheckpointError(f"{path}: adapters for a model with {field}={getattr(trained_on, field)}, but the "
+                                  f"base model has {field}={getattr(config, field)}")
+    return tree if dtype is None else cast(tree, dtype)

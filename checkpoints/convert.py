@@ -6,6 +6,10 @@ memory stays far below the checkpoint size. An HF output into an existing HF mod
 its `mg2hg/` subfolder, as ModelLink's `save_huggingface_llama` does: that directory (the original
 model) supplies the config, the dtype and the companion files (tokenizer, generation config, ...).
 
+With LoRA adapters (`lora_dir`, as ModelLink's `--lora-dir`) the output is the merged model, each
+adapted weight merged as it is read; the "peft" saver writes the adapters themselves as a PEFT adapter
+directory for the input model.
+
 Writes never delete what they read: an output that equals, contains or lies inside an input is
 refused, with or without `overwrite`; only `mg2hg/` inside the reference HF directory is allowed,
 since only that directory's top-level files are read. `overwrite` replaces an existing checkpoint of
@@ -22,16 +26,18 @@ from typing import Callable
 
 import torch
 
-from checkpoints.auto import detect_format, open_checkpoint
+from checkpoints.auto import detect_format, load_lora, open_checkpoint
 from checkpoints.hf import save_hf
 from checkpoints.lazy import LazyTensor, tree_stats
 from checkpoints.megatron import CONVERTER_ITERATION, check_parallel, save_megatron
+from checkpoints.peft import CONFIG_FILE as PEFT_CONFIG, save_peft
+from mistral_fn import lora
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import CheckpointError, ConfigError
-from mistral_fn.params import leaves_with_paths, map_with_path
+from mistral_fn.params import cast, leaves_with_paths, map_with_path
 
 LOADERS = ("hf", "megatron", "native")
-SAVERS = ("hf", "megatron")
+SAVERS = ("hf", "megatron", "peft")
 MG2HG = "mg2hg"
 # HF output shard size: `save_hf` holds one shard in memory (twice, while safetensors serialises it),
 # so 1 GB shards keep HF writing near the one-layer bound (a Mistral-7B layer is 0.44 GB in bf16).
@@ -55,9 +61,9 @@ class Summary:
 
 def convert(loader: str | None, saver: str, load_dir, save_dir, *, tp: int = 1, pp: int = 1,
             dtype: torch.dtype | None = None, make_vocab_size_divisible_by: int = 1, hf_config=None,
-            rotary_base: float | None = None, tokenizer=None, overwrite: bool = False,
+            rotary_base: float | None = None, tokenizer=None, lora_dir=None, overwrite: bool = False,
             progress: Callable[[int], Callable[[], None]] | None = None) -> Summary:
-    """Convert `load_dir` to `save_dir` in format `saver` ("hf" or "megatron").
+    """Convert `load_dir` to `save_dir` in format `saver` ("hf", "megatron" or "peft").
 
     `loader` names the input format ("hf", "megatron", "native"), or None to detect it; "megatron"
     also reads a native training checkpoint (a trained `ckpt/` of this project). `dtype` None keeps
@@ -67,6 +73,10 @@ def convert(loader: str | None, saver: str, load_dir, save_dir, *, tp: int = 1, 
     ModelLink does not store (`rotary_base` takes precedence for that). `tokenizer` (a directory or
     `tokenizer.model`) is copied into HF output. Megatron output keeps the input's iteration (1 from
     HF). `progress(total_layers)` returns a callback ticked once per layer written.
+
+    `lora_dir`: LoRA adapters for the input model (a LoRA run's native checkpoint or a PEFT directory,
+    `load_lora`): HF and Megatron outputs hold the merged model (`mf.lora.merge`); "peft" (which needs
+    them) writes only the adapters, in PEFT's format, naming `load_dir` as their base model.
     """
     if saver not in SAVERS:
         raise ConfigError(f"--saver={saver!r}: expected one of {', '.join(SAVERS)}")
@@ -77,18 +87,30 @@ def convert(loader: str | None, saver: str, load_dir, save_dir, *, tp: int = 1, 
     fmt = detect_format(load_dir)
     if loader not in (None, fmt) and (loader, fmt) != ("megatron", "native"):
         raise CheckpointError(f"{load_dir}: is a {fmt} checkpoint, not {loader} (--loader)")
+    if saver == "peft" and lora_dir is None:
+        raise ConfigError("--saver=peft writes LoRA adapters: pass them as --lora_dir")
     if hf_config is not None and fmt == "hf":
         raise ConfigError("--hf_config describes a Megatron or native input; an HF input has its own config.json")
     reference = Path(hf_config) if hf_config is not None else None
     if saver == "hf" and fmt != "hf" and (out_dir / "config.json").is_file():
         reference, out_dir = reference or out_dir, out_dir / MG2HG
     reference_dir = None if reference is None else reference if reference.is_dir() else reference.parent
-    check_output(out_dir, saver, [load_dir, tokenizer], reference_dir, overwrite)
+    check_output(out_dir, saver, [load_dir, tokenizer, lora_dir], reference_dir, overwrite)
 
     source = open_checkpoint(load_dir, fmt, rotary_base=rotary_base, hf_dir=reference)
     config, params = source.config, source.params
     if fmt == "native" and reference is not None:
         config = _agreeing_reference(config, reference, load_dir)
+    adapters = load_lora(lora_dir, config) if lora_dir is not None else None
+    if saver == "peft":
+        adapters = adapters if dtype is None else cast(adapters, dtype)
+        save_peft(out_dir, config, adapters, base_model_name_or_path=str(load_dir), overwrite=overwrite)
+        modules = [(adapter["a"], b) for *_, adapter in lora.adapters(adapters) for leaf, b in adapter.items()
+                   if leaf != "a"]  # PEFT stores an A and a B per module, a shared A once per module
+        count, nbytes = tree_stats(modules)
+        return Summary(out_dir, count, nbytes, time.perf_counter() - start)
+    if adapters is not None:
+        params = _merged(params, adapters)
     if saver == "megatron":
         check_parallel(config, tp, pp, make_vocab_size_divisible_by)
         tick = progress(tp * config.n_layers) if progress else None
@@ -127,11 +149,14 @@ def check_output(out_dir: Path, saver: str, inputs, reference_dir: Path | None, 
     if not overwrite:
         raise CheckpointError(f"{out_dir}: already exists; pass --overwrite to replace it")
     if not out_dir.is_dir() or (any(out_dir.iterdir()) and _format_or_none(out_dir) != saver):
-        raise CheckpointError(f"{out_dir}: is not {'an HF' if saver == 'hf' else 'a Megatron'} checkpoint; "
-                              "--overwrite replaces only a checkpoint of the output format")
+        kind = {"hf": "an HF checkpoint", "megatron": "a Megatron checkpoint", "peft": "a PEFT adapter directory"}
+        raise CheckpointError(f"{out_dir}: is not {kind[saver]}; --overwrite replaces only a checkpoint of the output "
+                              "format")
 
 
 def _format_or_none(path: Path) -> str | None:
+    if (path / PEFT_CONFIG).is_file():
+        return "peft"
     try:
         return detect_format(path)
     except CheckpointError:
@@ -178,3 +203,24 @@ def _ticking(params, tick: Callable[[], None]):
         return LazyTensor(x.shape, x.dtype, read)
 
     return map_with_path(wrap, params)
+
+
+def _merged(params, adapters: lora.LoraTree):
+    """`params` (lazy) whose adapted leaves fold in their adapter as they are read (`mf.lora.merge` on a
+    one-leaf tree: the leaf's B and its target's A)."""
+    owners = {f"layers/{i}/{group}/{leaf}": (group, target, leaf, adapter)
+              for i, group, target, adapter in lora.adapters(adapters) for leaf in adapter if leaf != "a"}
+
+    def leaf(path: str, x):
+        if path not in owners:
+            return x
+        group, target, name, adapter = owners.pop(path)
+        one = lora.LoraTree({"layers": [{group: {target: {"a": adapter["a"], name: adapter[name]}}}]},
+                            alpha=adapters.alpha)
+        read = lambda: lora.merge({"layers": [{group: {name: x.load()}}]}, one)["layers"][0][group][name]  # noqa: E731
+        return LazyTensor(tuple(x.shape), x.dtype, read)
+
+    merged = map_with_path(leaf, params)
+    if owners:
+        raise CheckpointError(f"the LoRA adapters adapt {next(iter(owners))}, which the model does not have")
+    return merged

@@ -15,10 +15,9 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 import torch
-from safetensors.torch import save_file
 
 from checkpoints.dtypes import cast_leaf
-from checkpoints.lazy import LazyTensor, materialize, open_safetensors, read_tensor
+from checkpoints.lazy import LazyTensor, materialize, open_safetensors, read_tensor, write_safetensors
 from mistral_fn.atomic import atomic_dir
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import CheckpointError
@@ -178,7 +177,7 @@ def save_hf(
         for i, shard in enumerate(shards):
             fname = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             tensors = {names[p]: cast_leaf(names[p], leaves[p].detach().cpu(), dtype).contiguous() for p in shard}
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            write_safetensors(tensors, tmp / fname, metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             weight_index.update({name: fname for name in tensors})
             del tensors

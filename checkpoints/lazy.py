@@ -3,17 +3,21 @@
 A converter walks a lazy tree one layer at a time, so at most one layer's tensors are in memory.
 `lazy_hf`, `lazy_megatron` and `lazy_native` build one from a checkpoint directory. `LazyTensor` has the
 few tensor methods `checkpoints.save_hf` uses (`numel`, `element_size`, `dtype`, `detach`), so an HF
-directory is written from a lazy tree with each tensor read as its shard is written.
+directory is written from a lazy tree with each tensor read as its shard is written. The safetensors
+file helpers at the end name the file in every error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from checkpoints.dtypes import cast_leaf
 from mistral_fn.errors import CheckpointError
@@ -73,3 +77,15 @@ def read_tensor(file: Path, name: str) -> torch.Tensor:
             return f.get_tensor(name)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from None
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`; a failed write (a full disk, a file size limit) is raised as the
+    `OSError` it is, naming `path` (safetensors reports it as a `SafetensorError` quoting the errno)."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise CheckpointError(f"{path}: cannot be written ({e})") from None
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None

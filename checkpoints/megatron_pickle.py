@@ -82,9 +82,34 @@ def _importable_enums():
 
 
 def save_pt(obj, path: str | os.PathLike) -> None:
-    """`torch.save` (zip format) with `ModelType` pickled under its Megatron module path."""
-    with _importable_enums():
-        torch.save(obj, path)
+    """`torch.save` (zip format) with `ModelType` pickled under its Megatron module path. A failed write
+    (a full disk, a file size limit) is raised as the `OSError` it is, naming `path`: torch's own error
+    for it is an opaque `RuntimeError` ("unexpected pos"), so the file is written through `_Recorder`."""
+    with _importable_enums(), open(path, "wb") as f:
+        recorder = _Recorder(f)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is None:
+                raise
+            raise OSError(recorder.error.errno, recorder.error.strerror, os.fspath(path)) from None
+
+
+class _Recorder:
+    """A write-only file wrapper that keeps the `OSError` of a failed write (torch's writer replaces it)."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def load_pt(path: str | os.PathLike, mmap: bool = True):

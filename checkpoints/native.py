@@ -34,8 +34,8 @@ from typing import Any, Callable
 import msgpack
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from checkpoints.lazy import write_safetensors
 from mistral_fn import atomic
 from mistral_fn.errors import CheckpointError
 from mistral_fn.params import leaves_with_paths, map_with_path
@@ -137,12 +137,13 @@ def save_native(root: str | os.PathLike, step: int, tree, *, extra: dict | None 
     tensors_file, meta_file = _rank_files(tmp, rank)
     try:
         tensors = _named_tensors(tree)
-        save_file(tensors, str(tensors_file))
+        with atomic.naming(final):
+            write_safetensors(tensors, tensors_file)
         meta = {"format": FORMAT, "version": VERSION, "run_id": run_id, "step": int(step), "rank": rank,
                 "world_size": world_size, "extra": extra or {}, "sha256": _sha256(tensors_file),
                 "bytes": tensors_file.stat().st_size,
                 "tensors": {p: [str(t.dtype).removeprefix("torch."), list(t.shape)] for p, t in tensors.items()}}
-        with atomic.atomic_file(meta_file) as f:
+        with atomic.naming(final), atomic.atomic_file(meta_file) as f:
             f.write(msgpack.packb(meta, use_bin_type=True))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -159,10 +160,12 @@ def save_native(root: str | os.PathLike, step: int, tree, *, extra: dict | None 
 
 
 def _sweep_leftovers(root: Path) -> None:
-    """Remove every `.iter_*.partial` / `.old` a killed save left in `root` (one writer per root: its owner)."""
+    """Remove every `.iter_*.partial` / `.old` a killed save left in `root` (one writer per root: its owner);
+    an `.old` whose iteration is missing (a replace killed between its renames) is restored instead."""
     for path in sorted(root.iterdir()):
         m = _LEFTOVER_RE.match(path.name)
         if m:
+            atomic.recover(root / m.group(1))
             atomic.sweep(root / m.group(1))
 
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
 import sys
+from typing import NoReturn
 
 from absl import app, flags
 
@@ -66,26 +69,67 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
+# torch.distributed failures that a peer causes: gloo reports them as plain RuntimeErrors.
+_PEER_FAILURE = re.compile(r"/gloo/|NCCL|HCCL|Timed out|Connection (closed|reset) by peer")
+
+
+def _peer_failure(e: BaseException) -> str | None:
+    """The message of a rendezvous or collective that failed because of another process (it died, or it
+    stalled past `--distributed_timeout_minutes`), or None for any other error."""
+    dist = sys.modules.get("torch.distributed")  # not imported: no collective ran
+    if dist is None or not isinstance(e, RuntimeError):
+        return None
+    text = " ".join(str(e).split())
+    if not (isinstance(e, dist.DistError) or _PEER_FAILURE.search(text)):
+        return None
+    text = re.sub(r"^\[[^\]]*\] |\. This is typically caused.*", "", text)  # gloo's "[file.cc:line]", advice
+    rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "0")
+    return (f"rank {rank}: waiting for the other processes failed ({text}); another process failed or stalled "
+            "(see its log; --distributed_timeout_minutes bounds the wait)")
+
+
 def main_guard(main):
     """Wrap an absl `main(argv)`: project errors, OS errors (disk full, permissions, missing files),
-    undecodable text and malformed JSON print `error: <message>` on one line and exit with status 1."""
+    undecodable text, malformed JSON and a peer process that failed or stalled print `error: <message>`
+    on one line and exit with status 1."""
 
     @functools.wraps(main)
     def wrapped(argv):
         try:
             return main(argv)
         except (MistralFnError, OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            print(f"error: {_one_line(e)}", file=sys.stderr)
-            sys.exit(1)
+            _exit_with(_one_line(e))
+        except RuntimeError as e:
+            message = _peer_failure(e)
+            if message is None:
+                raise
+            _exit_with(message)
 
     return wrapped
 
 
 def run(main) -> None:
-    """`absl.app.run(main)` over the normalised command line (see `normalize_argv`)."""
+    """`absl.app.run(main)` over the normalised command line (see `normalize_argv`); a bad command line (a
+    --flagfile that does not exist, an unknown flag, a malformed value, a missing required flag) is one
+    `error:` line and exit status 1, like the errors `main_guard` reports."""
     try:
         argv = normalize_argv(sys.argv)
-    except flags.Error as e:  # e.g. a --flagfile that does not exist
-        print(f"error: {_one_line(e).removeprefix('ERROR:: ')}", file=sys.stderr)
-        sys.exit(1)
-    app.run(main, argv=argv)
+    except flags.Error as e:
+        _exit_with(_flag_error(e))
+    app.run(main, argv=argv, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _exit_with(f"{_flag_error(e)} (--helpshort lists the flags)")
+
+
+def _flag_error(e: flags.Error) -> str:
+    return _one_line(e).removeprefix("ERROR:: ")
+
+
+def _exit_with(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)

@@ -13,6 +13,12 @@ native training checkpoints, streaming one layer at a time. ModelLink's command 
         --load-dir ./model_weights/Mistral-7B-Instruct-v0.2-tp8-pp1/ \\
         --save-dir ./model_from_hf/Mistral-7B-Instruct-v0.2/
 
+    # LoRA: the base with the adapters merged (ModelLink's --lora-dir), or the adapters as a PEFT directory
+    python -m experiments.convert_ckpt --loader megatron --saver megatron --load-dir ./ckpt/base-tp8-pp1/ \
+        --lora-dir ./ckpt/lora/ --save-dir ./ckpt/merged-tp8-pp1/ --target-tensor-parallel-size 8
+    python -m experiments.convert_ckpt --saver peft --load-dir ./model_from_hf/Mistral-7B-Instruct-v0.2/ \
+        --lora-dir ./ckpt/lora/ --save-dir ./adapters/
+
 Flags keep ModelLink's meaning, with two differences: `--loader` may be left out (the input's format is
 detected) and `--loader megatron` also reads a native training checkpoint; without `--params-dtype` the
 input's dtype is kept (ModelLink's converter writes fp16, which cannot hold every bf16 weight).
@@ -61,6 +67,9 @@ _DTYPE = flags.DEFINE_string(
 _HF_CONFIG = flags.DEFINE_string(
     "hf_config", None, "HF config.json or model directory for a Megatron or native input: checked against it, "
     "supplies the output config and the rope base ModelLink does not store")
+_LORA_DIR = flags.DEFINE_string(
+    "lora_dir", None, "LoRA adapters for --load_dir's model (a LoRA run's native checkpoint or a PEFT directory): "
+    "merged into HF/Megatron output; --saver peft writes them alone as a PEFT adapter directory")
 _ROTARY_BASE = flags.DEFINE_float("rotary_base", None, "rope base of a Megatron input whose args have none")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing output checkpoint")
 for _name in ("load_dir", "save_dir"):
@@ -111,7 +120,8 @@ def main(argv):
             loader, saver, _LOAD_DIR.value, _SAVE_DIR.value, tp=_TP.value, pp=_PP.value,
             dtype=DTYPES[_DTYPE.value] if _DTYPE.value else None, make_vocab_size_divisible_by=_DIVISIBLE.value,
             hf_config=_HF_CONFIG.value, rotary_base=_ROTARY_BASE.value,
-            tokenizer=_TOKENIZER.value if saver == "hf" else None, overwrite=_OVERWRITE.value, progress=progress)
+            tokenizer=_TOKENIZER.value if saver == "hf" else None, lora_dir=_LORA_DIR.value, overwrite=_OVERWRITE.value,
+            progress=progress)
     finally:
         for bar in bars:
             bar.close()

@@ -3,6 +3,9 @@
 
     python -m experiments.evaluate --task=mmlu --data_path=mmlu/data/test --load=ckpt/hf \
         --protocol=modellink --num_fewshot=5 --results_path=results/mmlu.json --batch_size=8
+
+`--lora_load` (a LoRA run's native checkpoint or a PEFT directory) evaluates the model with those adapters
+merged in, as generate does.
 """
 
 from __future__ import annotations
@@ -52,11 +55,15 @@ def main(argv):
     test, dev = mmlu.load_mmlu(_DATA.value, _SHOTS.value)
     config, params, tokenizer, mesh = load_for_inference(megatron_flags.inference_args(_DTYPE.value))
     megatron_flags.report_kernels(mesh)
-    results = mmlu.evaluate(
-        lambda prompts: next_token_logits(params, prompts, config, tp=mesh.tp), tokenizer, test, dev,
-        protocol=_PROTOCOL.value, max_len=config.max_seq_len,
-        chat_template=None if _CHAT.value == "none" else _CHAT.value, batch_size=_BATCH.value,
-        progress=mesh.rank == 0)
+    try:
+        results = mmlu.evaluate(
+            lambda prompts: next_token_logits(params, prompts, config, tp=mesh.tp), tokenizer, test, dev,
+            protocol=_PROTOCOL.value, max_len=config.max_seq_len,
+            chat_template=None if _CHAT.value == "none" else _CHAT.value, batch_size=_BATCH.value,
+            progress=mesh.rank == 0)
+    except BaseException:
+        mesh.abort()
+        raise
     mesh.close()
     if mesh.rank != 0:
         return

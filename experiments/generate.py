@@ -5,6 +5,10 @@ keeps the conversation history. Tokens are printed as they come; speed is report
     python -m experiments.generate --load=ckpt/hf --prompt="how are you?" --prompt_type=mixtral
     python -m experiments.generate --load=ckpt/hf --temperature=0.7 --top_k=50 --top_p=0.95   # chat
     torchrun --nproc_per_node=8 -m experiments.generate --load=ckpt/hf --prompt="how are you?"   # TP=8
+    python -m experiments.generate --load=ckpt/hf --lora-load ckpt/lora --prompt="how are you?"  # + LoRA adapters
+
+`--lora_load` (a LoRA run's native checkpoint or a PEFT directory) is merged into the model once after
+loading: the answers are those of the merged checkpoint (`convert_ckpt --lora-dir`).
 """
 
 from __future__ import annotations
@@ -97,8 +101,10 @@ def main(argv):
     megatron_flags.report_kernels(mesh)
     try:
         converse(params, config, tokenizer, template, mesh)
-    finally:
-        mesh.close()
+    except BaseException:
+        mesh.abort()
+        raise
+    mesh.close()
 
 
 def converse(params, config, tokenizer, template, mesh) -> None:

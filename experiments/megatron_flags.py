@@ -13,11 +13,13 @@ The README's ModelLink section lists every flag of the seed's scripts and what i
 from __future__ import annotations
 
 import dataclasses
+import datetime
 
 import torch
 from absl import flags
 
 from experiments.architecture import Architecture
+from experiments.lora_args import DEFAULT_ALPHA, DEFAULT_R, LoraArgs
 from mistral_fn.errors import ConfigError
 
 # ---- architecture (checked) --------------------------------------------------------------------------
@@ -49,6 +51,8 @@ for _name in KERNEL_FLAGS:
     flags.DEFINE_bool(_name, False, "kernel choice; the kernels are picked per device (see the log)")
 flags.DEFINE_enum("distributed_backend", None, ["nccl", "hccl", "gloo"],
                   "collective backend; the device's own is used (hccl on NPU, nccl on CUDA, gloo on CPU)")
+flags.DEFINE_float("distributed_timeout_minutes", 10, "how long a rendezvous or collective waits for a peer before "
+                   "the run stops with an error (Megatron's default: 10)")
 flags.DEFINE_integer("pipeline_model_parallel_size", 1, "must be 1 (no pipeline parallelism here)")
 flags.DEFINE_integer("tensor_model_parallel_size", None, "TP ranks (pretrain: default 1, dp = WORLD_SIZE / tp; "
                      "generate/evaluate: all WORLD_SIZE processes)")
@@ -71,7 +75,21 @@ flags.DEFINE_bool("fp16", False, "float16 compute")
 flags.DEFINE_integer("seed", 1234, "random seed")
 flags.DEFINE_string("device", None, "cpu, cuda or npu (default: the best available)")
 
+# ---- LoRA (honoured; see experiments.lora_args) -------------------------------------------------------
+flags.DEFINE_list("lora_target_modules", [], "LoRA on these modules (ModelLink's query_key_value, dense, "
+                  "dense_h_to_4h, dense_4h_to_h or PEFT's q_proj, ..., down_proj); empty: no LoRA")
+flags.DEFINE_integer("lora_r", None, f"LoRA rank (default {DEFAULT_R}; inference: checked against --lora_load)")
+flags.DEFINE_float("lora_alpha", None, f"LoRA scaling numerator, scale = alpha / r (default {DEFAULT_ALPHA}; "
+                   "inference: checked)")
+flags.DEFINE_string("lora_load", None, "LoRA adapters: pretrain resumes them (a LoRA run's native checkpoint); "
+                    "generate/evaluate merge them (native or a PEFT directory) into the --load model")
+
 F = flags.FLAGS
+
+
+def lora_args() -> LoraArgs:
+    """The `--lora_*` flags, read once."""
+    return LoraArgs(tuple(F.lora_target_modules), F.lora_r, F.lora_alpha, F.lora_load)
 
 
 def architecture() -> Architecture:
@@ -100,6 +118,13 @@ def tokenizer_source() -> str | None:
     return F.tokenizer_model or F.tokenizer_name_or_path
 
 
+def distributed_timeout() -> datetime.timedelta:
+    """`--distributed_timeout_minutes`, checked to be > 0."""
+    if not F.distributed_timeout_minutes > 0:
+        raise ConfigError(f"--distributed_timeout_minutes={F.distributed_timeout_minutes} must be > 0")
+    return datetime.timedelta(minutes=F.distributed_timeout_minutes)
+
+
 def precision() -> str:
     """"bf16", "fp16" or "fp32" from `--bf16`/`--fp16`."""
     if F.bf16 and F.fp16:
@@ -109,8 +134,8 @@ def precision() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class InferenceArgs:
-    """What generate and evaluate load: the checkpoint, its tokenizer, dtype, device, TP size and the
-    architecture flags to check it against."""
+    """What generate and evaluate load: the checkpoint, its tokenizer, dtype, device, TP size, the
+    architecture flags to check it against, the LoRA adapters to merge into it and the collectives' timeout."""
 
     load: str
     tokenizer: str | None
@@ -119,6 +144,8 @@ class InferenceArgs:
     tensor_model_parallel_size: int | None
     seq_length: int | None
     arch: Architecture
+    lora: LoraArgs = LoraArgs()
+    timeout: datetime.timedelta | None = None
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -134,8 +161,11 @@ def inference_args(dtype_name: str) -> InferenceArgs:
     for name in ("tensor_model_parallel_size", "seq_length"):
         if F[name].value is not None and F[name].value < 1:
             raise ConfigError(f"--{name}={F[name].value} must be >= 1")
+    lora = lora_args()
+    if lora.enabled and not lora.load:
+        raise ConfigError("--lora_target_modules without --lora_load: there are no adapters to apply")
     return InferenceArgs(F.load, tokenizer_source(), dtype, F.device, F.tensor_model_parallel_size, F.seq_length,
-                         architecture())
+                         architecture(), lora, distributed_timeout())
 
 
 _KERNELS = {  # flag -> {device type: what this run uses}

@@ -4,6 +4,7 @@ into a `TrainConfig`, then `experiments.training.train`.
     python -m experiments.pretrain --model=tiny --train_iters=20 --save=workdir/tiny        # synthetic data
     torchrun --nproc_per_node=8 -m experiments.pretrain --flagfile=experiments/recipes/pretrain_tp8.flags
     ... --load=<ckpt> --finetune --is_instruction_dataset --data_path=<prefix>               # fine-tuning
+    ... --lora-target-modules query_key_value dense dense_h_to_4h dense_4h_to_h --lora-r 16 --lora-alpha 32  # LoRA
 
 The seed's `pretrain_mistral_7b_ptd.sh` argument list runs unchanged (ModelLink spellings, Megatron meanings;
 the architecture, kernel and tokenizer flags are shared with generate/evaluate in `experiments.megatron_flags`).
@@ -81,7 +82,8 @@ def config_from_flags() -> TrainConfig:
         finetune=F.finetune, no_load_optim=F.no_load_optim, no_load_rng=F.no_load_rng, save=F.save,
         save_interval=F.save_interval, save_format=F.save_format, keep_last=F.keep_last,
         exit_interval=F.exit_interval, eval_interval=F.eval_interval, eval_iters=F.eval_iters, seed=F.seed,
-        log_interval=F.log_interval, metrics_file=F.metrics_file, peak_tflops=F.peak_tflops)
+        log_interval=F.log_interval, metrics_file=F.metrics_file, peak_tflops=F.peak_tflops,
+        lora=megatron_flags.lora_args())
 
 
 def _given(value, default):
@@ -94,12 +96,14 @@ def main(argv):
         raise ConfigError(f"unexpected arguments {argv[1:]}; every option is a --flag")
     config = config_from_flags()
     mesh = sharding.Mesh(config.mesh_shape(int(os.environ.get("WORLD_SIZE", "1"))), F.device,
-                         sequence_parallel=config.sequence_parallel)
+                         sequence_parallel=config.sequence_parallel, timeout=megatron_flags.distributed_timeout())
     try:
         megatron_flags.report_kernels(mesh)
         train(config, mesh)
-    finally:
-        mesh.close()
+    except BaseException:
+        mesh.abort()
+        raise
+    mesh.close()
 
 
 if __name__ == "__main__":

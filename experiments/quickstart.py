@@ -11,9 +11,11 @@ Stages (each prints what it did, where it wrote, and its figures; everything goe
   3 data       the alpaca-style sample -> Megatron indexed datasets, pretraining and instruction (preprocess_data)
   4 pretrain   TP over gloo/hccl/nccl via torchrun from the Megatron checkpoint (experiments.pretrain)
   5 finetune   instruction fine-tuning from the pretrained checkpoint (--finetune --is_instruction_dataset)
-  6 generate   the `mixtral` chat template, greedy, on the fine-tuned model (experiments.generate)
-  7 evaluate   MMLU-format questions, the seed's protocol and lm-eval-harness' (experiments.evaluate)
-  8 plot       the loss curves as a PNG (experiments.plot_metrics)
+  6 finetune_lora  the same fine-tuning with LoRA adapters only (--lora-target-modules ...), its memory and
+               speed against full fine-tuning, the adapters exported as a PEFT directory (convert_ckpt --saver peft)
+  7 generate   the `mixtral` chat template, greedy, on the fine-tuned model and with the LoRA adapters
+  8 evaluate   MMLU-format questions, the seed's protocol and lm-eval-harness' (experiments.evaluate)
+  9 plot       the loss curves as a PNG (experiments.plot_metrics)
 """
 
 from __future__ import annotations
@@ -48,13 +50,17 @@ _MMLU = flags.DEFINE_string("mmlu_dir", str(HERE / "data" / "mmlu"), "MMLU-forma
 _TP = flags.DEFINE_integer("tp", 2, "tensor-parallel size (processes started by torchrun)")
 _PRETRAIN_ITERS = flags.DEFINE_integer("pretrain_iters", 40, "pretraining steps")
 _FINETUNE_ITERS = flags.DEFINE_integer("finetune_iters", 30, "fine-tuning steps")
+_LORA_ITERS = flags.DEFINE_integer("lora_iters", 15, "LoRA fine-tuning steps")
 _SEQ = flags.DEFINE_integer("seq_length", 128, "training sequence length")
 _GBS = flags.DEFINE_integer("global_batch_size", 8, "sequences per optimizer step")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the random model and of training")
 _PROMPT = flags.DEFINE_string("prompt", "Give three tips for staying healthy.", "the generation stage's prompt")
 
-STAGES = 8
-OUTPUTS = ("hf", "megatron_tp*", "hf_from_megatron", "data", "pretrain", "finetune", "logs", "mmlu_*.json", "*_loss.png")
+STAGES = 9
+OUTPUTS = ("hf", "megatron_tp*", "hf_from_megatron", "data", "pretrain", "finetune", "finetune_lora*", "logs",
+           "mmlu_*.json", "*_loss.png")
+LORA_FLAGS = ["--lora-target-modules", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "--lora-r", "8",
+              "--lora-alpha", "16"]
 
 
 class StageError(MistralFnError):
@@ -152,29 +158,41 @@ def main(argv):
     train_flags = [f"--model={_MODEL.value}", f"--tensor_model_parallel_size={p.tp}", f"--seq_length={_SEQ.value}",
                    "--micro_batch_size=2", f"--global_batch_size={_GBS.value}", f"--tokenizer_model={tokenizer_model}",
                    f"--seed={_SEED.value}", "--split=100,0,0", "--log_interval=1"]
-    stats = {}
+    stats, summaries = {}, {}
+    sft = [f"--data_path={prefix}_sft", "--finetune", "--is_instruction_dataset"]
     for name, load, iters, extra in (
         ("pretrain", megatron_dir, _PRETRAIN_ITERS.value, [f"--data_path={prefix}_text_document", "--lr=3e-3",
                                                             "--lr_warmup_fraction=0.1"]),
-        ("finetune", workdir / "pretrain", _FINETUNE_ITERS.value, [f"--data_path={prefix}_sft", "--finetune",
-                                                                  "--is_instruction_dataset", "--lr=1e-3"]),
+        ("finetune", workdir / "pretrain", _FINETUNE_ITERS.value, [*sft, "--lr=1e-3"]),
+        ("finetune_lora", workdir / "pretrain", _LORA_ITERS.value, [*sft, "--lr=1e-2", *LORA_FLAGS]),
     ):
-        t = p.stage(f"{name}: TP={p.tp} over torchrun")
+        t = p.stage(f"{name}: TP={p.tp} over torchrun" + (" (LoRA: adapters only)" if "lora" in name else ""))
         # Pretraining resumes the converted checkpoint's iteration 1, as Megatron does; fine-tuning starts at 0.
         end = iters + (1 if name == "pretrain" else 0)
         p.run(name, "experiments.pretrain", *train_flags, *extra, f"--load={load}", f"--train_iters={end}",
               f"--save={workdir / name}", distributed=True)
         records, summary = _summary(workdir / name / "metrics.jsonl")
-        stats[name] = records
+        stats[name], summaries[name] = records, summary
         print(f"{len(records)} steps: loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}; "
               f"{summary.get('mean_tokens_per_sec', float('nan')):,.0f} tokens/s; skipped "
-              f"{summary.get('skipped_total', 0)}; checkpoint {workdir / name} ({time.perf_counter() - t:.1f} s)")
+              f"{summary.get('skipped_total', 0)}; {summary['trainable_params']:,} trainable params; peak RSS "
+              f"{summary['peak_rss_mib']:,.0f} MiB/rank; checkpoint {workdir / name} ({time.perf_counter() - t:.1f} s)")
+    full, adapted = summaries["finetune"], summaries["finetune_lora"]
+    print(f"LoRA vs full fine-tuning: trainable params {adapted['trainable_params'] / full['trainable_params']:.2%}, "
+          f"peak RSS {adapted['peak_rss_mib']:,.0f} vs {full['peak_rss_mib']:,.0f} MiB/rank, speed "
+          f"{adapted['mean_tokens_per_sec']:,.0f} vs {full['mean_tokens_per_sec']:,.0f} tokens/s")
+    peft_dir = workdir / "finetune_lora_peft"
+    out, _ = p.run("export_lora", "experiments.convert_ckpt", "--saver=peft", f"--load_dir={workdir / 'pretrain'}",
+                   f"--lora_dir={workdir / 'finetune_lora'}", f"--save_dir={peft_dir}")
+    print(f"PEFT adapters: {out.strip()}")
 
     t = p.stage("generate: mixtral template, greedy")
-    out, err = p.run("generate", "experiments.generate", f"--load={workdir / 'finetune'}", f"--tokenizer_model={tokenizer_model}",
-                "--prompt_type=mixtral", f"--prompt={_PROMPT.value}", "--max_new_tokens=24", distributed=True)
-    print(f"prompt {_PROMPT.value!r} -> {out[:200]!r}")
-    print("  " + (err.strip().splitlines() or [""])[-1])
+    for name, load in (("generate", [f"--load={workdir / 'finetune'}"]),
+                       ("generate_lora", [f"--load={workdir / 'pretrain'}", f"--lora_load={peft_dir}"])):
+        out, err = p.run(name, "experiments.generate", *load, f"--tokenizer_model={tokenizer_model}",
+                         "--prompt_type=mixtral", f"--prompt={_PROMPT.value}", "--max_new_tokens=24", distributed=True)
+        print(f"{'LoRA' if 'lora' in name else 'full'}: prompt {_PROMPT.value!r} -> {out[:200]!r}")
+        print("  " + (err.strip().splitlines() or [""])[-1])
 
     t = p.stage("evaluate: MMLU format")
     for protocol in ("modellink", "harness"):

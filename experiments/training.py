@@ -8,7 +8,13 @@ model comes from `load` (HF, Megatron or native; architecture flags are checked 
 preset; data from an indexed dataset or, without `data_path`, uniform random tokens from a seeded generator
 (its state is saved in checkpoints). A native `load` resumes everything unless `finetune`
 (parameters only, step 0) or `no_load_optim` / `no_load_rng`; a Megatron `load` resumes its iteration unless
-`finetune`, as Megatron does. Metrics go to `metrics_file` (default `<save>/metrics.jsonl`) as JSON lines.
+`finetune`, as Megatron does. Metrics go to `metrics_file` (default `<save>/metrics.jsonl`) as JSON lines;
+the summary record ends the run with its speed and its peak memory (RSS, the largest over ranks).
+
+LoRA (`lora.target_modules`, ModelLink's `--lora-*`): `load` is only the frozen base, held as this rank's
+shards in the compute dtype and closed over by the loss; the train state holds the adapters (float32)
+and their optimizer moments alone (`lora_setup`). Checkpoints hold the adapters, their settings in the
+metadata; `lora.load` resumes them as a native `load` resumes a full run (`finetune`: adapters only).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import functools
 import itertools
 import json
 import math
+import resource
 import time
 from pathlib import Path
 
@@ -31,8 +38,10 @@ import sharding
 from checkpoints import native
 from checkpoints.lazy import materialize
 from checkpoints.megatron import read_megatron, save_megatron
+from checkpoints.native_params import LORA_KEY
 from sharding.train_state import StateLayout, as_tree, gather_state, nest, scatter_state
 from experiments.architecture import Architecture
+from experiments.lora_args import LoraArgs
 from mistral_fn import optim, train as mf_train
 from mistral_fn.data import GPTDataset, InstructionDataset, iterate_batches
 from mistral_fn.errors import ConfigError, DivergenceError
@@ -101,6 +110,8 @@ class TrainConfig:
     log_interval: int = 1
     metrics_file: str | None = None
     peak_tflops: float | None = None
+    # LoRA: train adapters only (on when lora.target_modules names modules)
+    lora: LoraArgs = LoraArgs()
 
     def __post_init__(self):
         positive = ("tensor_model_parallel_size", "micro_batch_size", "global_batch_size", "seq_length", "log_interval",
@@ -129,6 +140,9 @@ class TrainConfig:
                               f"--tensor_model_parallel_size={self.tensor_model_parallel_size}")
         if (self.save_interval or self.exit_interval or self.keep_last) and not self.save:
             raise ConfigError("--save_interval/--exit_interval/--keep_last need --save")
+        if not self.lora.enabled and (self.lora.r or self.lora.alpha or self.lora.load):
+            raise ConfigError("--lora_r/--lora_alpha/--lora_load need --lora_target_modules (LoRA is on only with "
+                              "target modules, as in ModelLink)")
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
@@ -164,6 +178,7 @@ def starting_point(config: TrainConfig) -> Start:
 
     HF and Megatron checkpoints give float32 params (a Megatron one also its iteration and consumed
     samples, unless `finetune`); a native one gives only the config here (`train` restores its whole state).
+    Under LoRA any checkpoint gives its params alone, in the compute dtype, and the run starts at step 0.
     """
     if not config.load:
         model = config.arch.define(mf.MistralConfig.preset(preset_name(config.model)))
@@ -173,6 +188,10 @@ def starting_point(config: TrainConfig) -> Start:
             scale = config.init_method_std / INIT_STD
             params = map_with_path(lambda p, x: x * scale if x.dim() > 1 else x, params)
         return Start(model, params)
+    if config.lora.enabled:
+        stored, params = checkpoints.load(config.load, config.compute_dtype or torch.float32, hf_dir=_hf_dir(config),
+                                          rotary_base=config.arch.rotary_base)
+        return Start(config.arch.check(stored, config.load), params)
     fmt = checkpoints.detect_format(config.load)
     if fmt == "native":
         stored, _, _ = checkpoints.read_native_params(config.load, verify=False)
@@ -270,7 +289,8 @@ def train(config: TrainConfig, mesh: sharding.Mesh, log: "Logger | None" = None)
     rank, tp_rank, dp_rank = mesh.rank, mesh.coords.get("tp", 0), mesh.coords.get("dp", 0)
     dp = mesh.dp
     barrier = dist.barrier if mesh.size > 1 else None
-    claim = checkpoints.claim_save_dir(config.save, config.load, finetune=config.finetune, rank=rank,
+    resumes = config.lora.load if config.lora.enabled else config.load
+    claim = checkpoints.claim_save_dir(config.save, resumes, finetune=config.finetune, rank=rank,
                                        barrier=barrier) if config.save else None
 
     start = starting_point(config)
@@ -283,12 +303,18 @@ def train(config: TrainConfig, mesh: sharding.Mesh, log: "Logger | None" = None)
                               f"{model.vocab_size}")
     rules = sharding.mistral_rules(model, config.make_vocab_size_divisible_by)
     specs = sharding.match(mf.init_params(model, device="meta"), rules)
-    sharded_paths = {p for p, s in leaves_with_paths(specs, is_leaf=lambda x: isinstance(x, sharding.PartitionSpec))
+    loss = functools.partial(mf.loss_fn, config=model, tp=mesh.tp, recompute=config.recompute,
+                             chunk_size=config.loss_chunk_size)
+    full = start.params if start.params is not None else mf.init_params(model, device="meta")
+    base = None
+    if config.lora.enabled:  # the state trains adapters; the base is closed over by the loss
+        base, full, rules, loss = lora_setup(config, model, full, specs, rules, loss, mesh)
+    trained_specs = specs if base is None else sharding.match(full, rules)
+    trainable = mf.count_params(full)
+    sharded_paths = {p for p, s in leaves_with_paths(trained_specs, is_leaf=lambda x: isinstance(x, sharding.P))
                      if any(a is not None for a in s.axes)}
     sched, opt = schedule_and_optimizer(config)
     loss_scale = optim.dynamic_loss_scale(config.initial_loss_scale) if config.precision == "fp16" else None
-    loss = functools.partial(mf.loss_fn, config=model, tp=mesh.tp, recompute=config.recompute,
-                             chunk_size=config.loss_chunk_size)
     step_fn = mf_train.make_train_step(loss, opt, micro_batch_size=config.micro_batch_size, dp=dp, tp=mesh.tp,
                                        sharded_paths=sharded_paths, max_grad_norm=config.clip_grad or None,
                                        compute_dtype=config.compute_dtype, loss_scale=loss_scale, schedule=sched,
@@ -296,8 +322,7 @@ def train(config: TrainConfig, mesh: sharding.Mesh, log: "Logger | None" = None)
                                        distributed_optimizer=config.distributed_optimizer,
                                        overlap_grad_reduce=config.overlap_grad_reduce, compile=config.compile)
 
-    full = start.params if start.params is not None else mf.init_params(model, device="meta")
-    local = sharding.shard(full, specs, {"tp": tp_size}, {"tp": tp_rank})
+    local = sharding.shard(full, trained_specs, {"tp": tp_size}, {"tp": tp_rank})
     params = pytree.tree_map(lambda x: x.to(mesh.device), local) if start.params is not None else \
         pytree.tree_map(lambda x: torch.zeros(x.shape, dtype=torch.float32, device=mesh.device), local)
     del full, local
@@ -309,6 +334,11 @@ def train(config: TrainConfig, mesh: sharding.Mesh, log: "Logger | None" = None)
     ckpt = {"train": state, "rng": torch.Generator().manual_seed(config.seed).get_state()}
     if start.params is None:
         ckpt = _resume_native(config, ckpt, mesh, layout, rules)
+    elif config.lora.load:
+        saved = native.read_metadata(config.lora.load, rank=0)["extra"].get(LORA_KEY) \
+            if native.is_native(config.lora.load) else None
+        config.lora.check_resume(saved, config.lora.load)
+        ckpt = _resume_native(dataclasses.replace(config, load=config.lora.load), ckpt, mesh, layout, rules)
     state = ckpt["train"]
     first_step = int(state.step)
     generator = torch.Generator()
@@ -318,14 +348,20 @@ def train(config: TrainConfig, mesh: sharding.Mesh, log: "Logger | None" = None)
     log.text(f"model {config.model if not config.load else config.load}: "
              f"{mf.count_params(mf.init_params(model, device='meta')):,} params (vocab padded to {padded}); "
              f"mesh {mesh.shape} on {mesh.device}; steps {first_step}..{config.train_iters}")
+    if base is not None:
+        log.text(f"LoRA r={config.lora.rank} alpha={config.lora.scale_alpha:g} on "
+                 f"{' '.join(config.lora.target_modules)}: {trainable:,} trainable params; the base is frozen")
 
     def save(step: int) -> None:
         tree = {"train": state, "rng": generator.get_state()}
         extra = {"tp": tp_size, "dp": dp_size, "config": model.to_hf(), **layout_extra(layout)}
+        if base is not None:
+            extra[LORA_KEY] = {**config.lora.settings(), "base": config.load}
         path = native.save_native(config.save, step, tree, extra=extra, run_id=claim.run_id, rank=rank,
                                   world_size=mesh.size, keep=config.keep_last, barrier=barrier)
-        if config.save_format == "megatron":
-            save_megatron_copy(config, model, state, specs, rank, mesh)
+        if config.save_format == "megatron":  # under LoRA: the merged model
+            merged = state if base is None else state._replace(params=mf.lora.merge(base, state.params))
+            save_megatron_copy(config, model, merged, specs, rank, mesh)
         log.text(f"saved {path}")
 
     data = Data(config, model, "train", config.train_iters * config.global_batch_size, dp_rank, dp_size)
@@ -363,7 +399,8 @@ def train(config: TrainConfig, mesh: sharding.Mesh, log: "Logger | None" = None)
             break
     summary = {"summary": True, "steps": step, "start_step": first_step, "final_loss": m.get("loss"),
                "skipped_total": int(state.skipped_total), "consumed_samples": int(state.consumed_samples),
-               "mean_tokens_per_sec": sum(speeds) / max(len(speeds), 1)}
+               "mean_tokens_per_sec": sum(speeds) / max(len(speeds), 1), "trainable_params": trainable,
+               "peak_rss_mib": peak_rss_mib(mesh)}
     log.metrics(summary)
     if m.get("skipped"):
         kept = native.latest_step(config.save) if config.save else None
@@ -373,10 +410,35 @@ def train(config: TrainConfig, mesh: sharding.Mesh, log: "Logger | None" = None)
     return summary
 
 
+def lora_setup(config: TrainConfig, model: mf.MistralConfig, full, specs, rules, loss, mesh: sharding.Mesh):
+    """LoRA: `(base, adapters, rules, loss)`: this rank's frozen shards of the base `full` in the compute
+    dtype, on the mesh's device; fresh full adapters (float32, CPU, seeded by `config.seed`; B = 0, so
+    step 0 is the base model); `rules` extended to adapters; and the loss of the adapters,
+    `loss(lora.apply(base, adapters, tp), batch)`."""
+    local = sharding.shard(full, specs, {"tp": mesh.shape.get("tp", 1)}, {"tp": mesh.coords.get("tp", 0)})
+    base = pytree.tree_map(lambda x: x.to(mesh.device, config.compute_dtype or x.dtype), local)
+    adapters = mf.lora.init(full, model, rank=config.lora.rank, alpha=config.lora.scale_alpha,
+                            targets=config.lora.target_modules, seed=config.seed, dtype=torch.float32, device="cpu")
+
+    def adapted(trained, batch):
+        return loss(mf.lora.apply(base, trained, mesh.tp), batch)
+
+    return base, adapters, sharding.with_lora_rules(rules), adapted
+
+
+def peak_rss_mib(mesh: sharding.Mesh) -> float:
+    """This process's peak resident memory so far in MiB (Linux `ru_maxrss`), the largest over the mesh's ranks."""
+    peak = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, device=mesh.device)
+    if mesh.size > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return float(peak)
+
+
 def state_layout(config: TrainConfig, mesh_shape: dict[str, int]) -> StateLayout:
-    """How this run's train state lies on its mesh (ZeRO-1 keeps the params in the compute dtype)."""
+    """How this run's train state lies on its mesh (ZeRO-1 keeps the params in the compute dtype, except
+    LoRA adapters, which are small and stay float32)."""
     zero = config.distributed_optimizer
-    return StateLayout(mesh_shape, zero, config.compute_dtype if zero else None)
+    return StateLayout(mesh_shape, zero, config.compute_dtype if zero and not config.lora.enabled else None)
 
 
 def layout_extra(layout: StateLayout) -> dict:

@@ -7,7 +7,7 @@ import os
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
 from mistral_fn.config import PRESETS, MistralConfig  # noqa: E402
-from mistral_fn.errors import CheckpointError, ConfigError, InputError, MistralFnError  # noqa: E402
+from mistral_fn.errors import CheckpointError, ConfigError, DeviceError, InputError, MistralFnError  # noqa: E402
 from mistral_fn.loss import loss_fn, token_losses  # noqa: E402
 from mistral_fn.model import forward, hidden_states, output_logits  # noqa: E402
 from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel  # noqa: E402
@@ -25,7 +25,7 @@ from mistral_fn.train import DivergenceError, TrainState, init_train_state, make
 __all__ = [
     "MistralConfig", "PRESETS", "init_params", "param_shapes", "count_params", "forward", "hidden_states",
     "output_logits", "loss_fn", "token_losses", "TensorParallel", "SINGLE_DEVICE",
-    "MistralFnError", "ConfigError", "CheckpointError", "InputError",
+    "MistralFnError", "ConfigError", "CheckpointError", "InputError", "DeviceError",
     "data", "tokenizer", "Tokenizer", "load_tokenizer",
     "generate", "generate_stream", "next_token_logits", "stream_text", "init_cache",
     "forward_with_cache", "hidden_states_with_cache", "kv_cache", "sampling", "evaluation",

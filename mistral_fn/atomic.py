@@ -9,9 +9,12 @@ behind is found and removed by the next write to the same target, with a log lin
         write_everything_into(tmp)
     # ckpt/iter_0000100 now exists, complete; the .partial is gone
 
-Replacing an existing directory moves it to `dir/.name.old` first (also swept), renames the new
-one into place, then deletes the old one. One writer per target at a time: concurrent writers of
-the same target must be serialised by the caller (e.g. rank 0 writes, the others wait).
+Replacing an existing directory moves it to `dir/.name.old` first, renames the new one into place,
+then deletes the old one; a write killed between the two renames leaves no `target` and a complete
+`.old`, which the next write renames back (`recover`) before it sweeps. One writer per target at a
+time: concurrent writers of the same target must be serialised by the caller (e.g. rank 0 writes,
+the others wait). A failed write (a full disk, a file size limit, a permission) raises an `OSError`
+naming the path the caller asked for, never a temporary name.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ log = logging.getLogger(__name__)
 
 
 def writable(path: str | os.PathLike) -> bool:
-    """Whether `path` can be created or written: its nearest existing ancestor is a writable directory."""
+    """Whether `path` can be created or written: its nearest existing ancestor is a writable directory
+    (for this process's effective ids, which are what a write is checked against)."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
-    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+    effective = os.access in os.supports_effective_ids
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK, effective_ids=effective)
 
 
 def check_file_target(target: str | os.PathLike) -> None:
@@ -41,8 +46,35 @@ def check_file_target(target: str | os.PathLike) -> None:
     target = Path(target)
     if target.is_dir():
         raise CheckpointError(f"{target}: is a directory; expected a file path to write")
+    _check_writable(target)
+
+
+def _check_writable(target: Path) -> None:
     if not writable(target.parent):
         raise CheckpointError(f"{target}: cannot be written (no writable directory to create it in)")
+
+
+@contextlib.contextmanager
+def naming(target: str | os.PathLike):
+    """Re-raise an `OSError` that names no file (a failed write: a full disk, a file size limit) or names
+    `target`'s partial name (or a file inside it) as one naming `target` (or that file inside it)."""
+    target = Path(target)
+    try:
+        yield
+    except OSError as e:
+        name = _public_name(e.filename, target)
+        if e.errno is None or name is None:
+            raise
+        raise OSError(e.errno, e.strerror, name) from None
+
+
+def _public_name(filename, target: Path) -> str | None:
+    if filename is None:
+        return str(target)
+    path, tmp = Path(os.fsdecode(filename)), partial_path(target)
+    if path == tmp or tmp in path.parents:
+        return str(target / path.relative_to(tmp))
+    return None
 
 
 def partial_path(target: str | os.PathLike) -> Path:
@@ -53,6 +85,18 @@ def partial_path(target: str | os.PathLike) -> Path:
 
 def _old_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.old")
+
+
+def recover(target: str | os.PathLike) -> bool:
+    """Undo a directory replace (`publish_dir`) killed between its two renames: an `.old` directory
+    without a `target` is the complete previous version, and becomes `target` again. Returns whether
+    it did; call it before `sweep`, which would delete the `.old`."""
+    target, old = Path(target), _old_path(Path(target))
+    if not old.is_dir() or old.is_symlink() or target.exists() or target.is_symlink():
+        return False
+    os.replace(old, target)
+    log.warning("restored %s from %s, left by an interrupted replace", target, old)
+    return True
 
 
 def sweep(target: str | os.PathLike) -> list[Path]:
@@ -81,13 +125,19 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False):
     target = Path(target)
     if target.exists() and not overwrite:
         raise CheckpointError(f"{target}: already exists; pass overwrite to replace it")
+    _check_writable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    restored = recover(target)
     sweep(target)
+    if restored and not overwrite:
+        raise CheckpointError(f"{target}: already exists (restored from an interrupted replace); pass overwrite "
+                              "to replace it")
     tmp = partial_path(target)
-    tmp.mkdir()
     try:
-        yield tmp
-        publish_dir(target)
+        with naming(target):
+            tmp.mkdir()
+            yield tmp
+            publish_dir(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -117,11 +167,12 @@ def atomic_file(target: str | os.PathLike, mode: str = "wb", **open_kwargs):
     sweep(target)
     tmp = partial_path(target)
     try:
-        with open(tmp, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        with naming(target):
+            with open(tmp, mode, **open_kwargs) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from mistral_fn.errors import ConfigError, DeviceError
+
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 
 
@@ -33,13 +35,16 @@ def npu_available() -> bool:
 
 
 def device_type(preferred: str | None = None) -> str:
-    """`preferred` if given (validated), else the best available of npu, cuda, cpu."""
+    """`preferred` if given (validated: `ConfigError` unless it is npu, cuda or cpu, `DeviceError` when it is
+    not available), else the best available of npu, cuda, cpu."""
     if preferred:
-        kind = torch.device(preferred).type if preferred != "npu" else "npu"
+        kind = preferred.split(":")[0]
+        if kind not in BACKENDS:
+            raise ConfigError(f"--device={preferred}: expected one of {', '.join(BACKENDS)}")
         if kind == "npu" and not npu_available():
-            raise RuntimeError("device 'npu' requested but torch_npu or an Ascend device is not available")
+            raise DeviceError("--device=npu: torch_npu or an Ascend device is not available here")
         if kind == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but CUDA is not available")
+            raise DeviceError("--device=cuda: CUDA is not available here")
         return kind
     if npu_available():
         return "npu"

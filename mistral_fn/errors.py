@@ -19,3 +19,7 @@ class InputError(MistralFnError, ValueError):
 
 class DivergenceError(MistralFnError):
     """Training stopped: too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+class DeviceError(MistralFnError, RuntimeError):
+    """A requested device (or its runtime: CUDA, torch_npu/CANN) that is not available here."""

@@ -198,15 +198,18 @@ def apply(params, lora: LoraTree, tp: TensorParallel = SINGLE_DEVICE):
 
 def merge(params, lora: LoraTree):
     """Plain params with the adapters folded in (`W + (alpha / r) * B @ A`), outside autograd: for export
-    (`checkpoints.save_hf`, Megatron) or adapter-free inference. Full trees or matching TP shards."""
+    (`checkpoints.save_hf`, Megatron) or adapter-free inference. Full trees or matching TP shards.
+
+    Computed in float32 (float64 stays float64) and rounded once to W's dtype, so a bf16 base merged
+    here equals a float32 merge rounded to bf16 (the merged checkpoint loaded in bf16)."""
     with torch.no_grad():
-        return _merged(params, lora, 1.0, SINGLE_DEVICE)
+        return _merged(params, lora, 1.0, SINGLE_DEVICE, precise=True)
 
 
 def unmerge(params, lora: LoraTree):
     """The inverse of `merge`: `W - (alpha / r) * B @ A` (equal to the base up to one rounding per element)."""
     with torch.no_grad():
-        return _merged(params, lora, -1.0, SINGLE_DEVICE)
+        return _merged(params, lora, -1.0, SINGLE_DEVICE, precise=True)
 
 
 def _shared(factor: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
@@ -216,7 +219,8 @@ def _shared(factor: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     return tp.replicated(factor) if tp.sequence_parallel else tp.copy_to(factor)
 
 
-def _merged(params, lora: LoraTree, sign: float, tp: TensorParallel):
+def _merged(params, lora: LoraTree, sign: float, tp: TensorParallel, precise: bool = False):
+    """`W + sign * (alpha / r) * B @ A` per adapted leaf, in W's dtype (`precise`: in at least float32)."""
     if not isinstance(lora, LoraTree):
         raise ConfigError(f"expected a LoraTree (from lora.init or checkpoints.load_peft), got {type(lora).__name__}")
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
@@ -242,7 +246,8 @@ def _merged(params, lora: LoraTree, sign: float, tp: TensorParallel):
         if a.dim() != 2 or b.shape != (w.shape[0], a.shape[0]) or a.shape[1] != w.shape[1]:
             raise ConfigError(f"lora {path}: B {tuple(b.shape)} @ A {tuple(a.shape)} does not fit the weight "
                               f"{tuple(w.shape)}")
-        return torch.addmm(w, b.to(w.dtype), a.to(w.dtype), alpha=scale)
+        dtype = torch.promote_types(w.dtype, torch.float32) if precise else w.dtype
+        return torch.addmm(w.to(dtype), b.to(dtype), a.to(dtype), alpha=scale).to(w.dtype)
 
     return map_with_path(leaf, params)
 

@@ -8,6 +8,7 @@ process never touches torch.distributed.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 from typing import Mapping
@@ -31,11 +32,12 @@ class Mesh:
     `shape` and `coords` are dicts in axis order; `device` is this process's device; `tp` is the
     `TensorParallel` the model takes (`SINGLE_DEVICE` when the tp axis has size 1: no collective), with
     Megatron's sequence parallelism when `sequence_parallel` (and tp > 1); `dp` is the train step's
-    `DataParallel` (`SINGLE_DEVICE` when the dp axis has size 1).
+    `DataParallel` (`SINGLE_DEVICE` when the dp axis has size 1). `timeout` bounds the rendezvous and every
+    collective's wait for a peer (Megatron's `--distributed-timeout-minutes`; None: torch's default).
     """
 
     def __init__(self, shape: Mapping[str, int], device_type: str | None = None, *,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, timeout: datetime.timedelta | None = None):
         unknown = [axis for axis in shape if axis not in AXES]
         if unknown:
             raise ConfigError(f"unknown mesh axis {unknown[0]!r}; known axes: {', '.join(AXES)}")
@@ -47,7 +49,7 @@ class Mesh:
             raise ConfigError(f"mesh {self.shape} has {self.size} ranks but WORLD_SIZE={world}")
         self.device_type = _device.device_type(device_type)
         self.device = _device.local_device(self.device_type)
-        self._mesh = None if world == 1 else _device_mesh(self.device_type, self.shape)
+        self._mesh = None if world == 1 else _device_mesh(self.device_type, self.shape, timeout)
         self.coords = dict(zip(self.shape, self._mesh.get_coordinate() if self._mesh else [0] * len(self.shape)))
         self.rank = dist.get_rank() if self._mesh else 0
         self.tp: TensorParallel = (SINGLE_DEVICE if self.shape.get("tp", 1) == 1
@@ -68,6 +70,13 @@ class Mesh:
             dist.destroy_process_group()
         self._mesh = None
 
+    def abort(self) -> None:
+        """Leave the mesh after a failure: destroy the process group without the barrier, which would wait
+        (until the timeout) for a peer that may be the one that failed or stalled."""
+        if self._mesh is not None and dist.is_initialized():
+            dist.destroy_process_group()
+        self._mesh = None
+
     def __repr__(self):
         return f"Mesh({self.shape}, coords={self.coords}, device={self.device})"
 
@@ -79,11 +88,11 @@ def _world_size() -> int:
     return int(value)
 
 
-def _device_mesh(device_type: str, shape: dict[str, int]):
+def _device_mesh(device_type: str, shape: dict[str, int], timeout: datetime.timedelta | None):
     if not dist.is_initialized():
         missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
         if missing:
             world = os.environ["WORLD_SIZE"]
             raise ConfigError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; launch with torchrun")
-        dist.init_process_group(backend=_device.dist_backend(device_type))
+        dist.init_process_group(backend=_device.dist_backend(device_type), timeout=timeout)
     return init_device_mesh(device_type, tuple(shape.values()), mesh_dim_names=tuple(shape))

@@ -130,7 +130,7 @@ def test_cache_beside_a_writable_dataset_else_in_the_user_cache_dir(tmp_path, mo
     before = contents(data)
     data.chmod(0o555)
     if os.geteuid() == 0:  # root ignores permission bits; judge by them as any other user would
-        monkeypatch.setattr(os, "access", lambda path, mode: bool(os.stat(path).st_mode & 0o200))
+        monkeypatch.setattr(os, "access", lambda path, mode, **_: bool(os.stat(path).st_mode & 0o200))
     try:
         ds = GPTDataset(str(data / "c"), 8, seed=0, split="1,0,0")
     finally:

@@ -1,17 +1,15 @@
 """`checkpoints.load`, the one loader: HF, Megatron (TP x PP) and native (TP-sharded training state)
 checkpoints all give the same full params and config; unknown or ambiguous directories are a clear error."""
 
-import threading
-
 import pytest
 import torch
 
 import checkpoints
 import mistral_fn as mf
-import sharding as sh
 from checkpoints import megatron
 from checkpoints import load as load_any
 from mistral_fn.params import leaves_with_paths
+from tests.native_ranks import save_tp_ranks
 
 # A vocab that needs padding on 2 ranks with divisor 8 (1001 -> 1008).
 CONFIG = mf.MistralConfig(vocab_size=1001, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
@@ -42,20 +40,8 @@ def test_megatron(tmp_path):
 def test_native_tp2(tmp_path):
     """Two TP ranks save their shards (with optimizer-like extra state) as the training loop does."""
     params = mf.init_params(CONFIG, seed=1)
-    specs = sh.match(params, sh.mistral_rules(CONFIG, 8))
-    barrier = threading.Barrier(2)
-
-    def save(rank):
-        local = sh.shard(params, specs, {"tp": 2}, {"tp": rank})
-        tree = {"train": {"params": local, "mu": mf.params.tree_map(torch.zeros_like, local)}}
-        checkpoints.save_native(tmp_path / "native", 7, tree, extra={"tp": 2, "dp": 1, "config": CONFIG.to_hf()},
-                                rank=rank, world_size=2, barrier=barrier.wait)
-
-    threads = [threading.Thread(target=save, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    save_tp_ranks(tmp_path / "native", 7, params, CONFIG, divisible_by=8,
+                  state=lambda local: {"params": local, "mu": mf.params.tree_map(torch.zeros_like, local)})
     assert_same(*load_any(tmp_path / "native"))
     assert_same(*load_any(tmp_path / "native" / "iter_0000007"))
     config, bf16 = load_any(tmp_path / "native", dtype=torch.bfloat16)

@@ -197,6 +197,15 @@ def test_merge_unmerge_round_trip():
                                                  pytree.tree_leaves(dyadic), strict=True))
 
 
+def test_merge_rounds_once_to_the_weight_dtype():
+    """A bf16 base merged equals the float32 merge rounded to bf16 (the merged checkpoint loaded in bf16)."""
+    params = mf.params.cast(mf.params.cast(mf.init_params(CFG, seed=0), torch.bfloat16), torch.float32)
+    tree = _trained(lora.init(params, CFG, rank=8, alpha=16, targets=[*lora.MODELLINK_TARGETS], seed=0))
+    bf16 = lora.merge(mf.params.cast(params, torch.bfloat16), tree)
+    assert all(torch.equal(x, y) for x, y in zip(pytree.tree_leaves(bf16), pytree.tree_leaves(
+        mf.params.cast(lora.merge(params, tree), torch.bfloat16)), strict=True))
+
+
 # ---- sharding rules -------------------------------------------------------------------------------
 
 def test_sharding_rules_split_a_and_b_like_megatron_and_shards_merge_to_shards():

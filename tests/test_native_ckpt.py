@@ -7,7 +7,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import msgpack
@@ -19,6 +18,7 @@ import mistral_fn as mf
 from checkpoints import native
 from mistral_fn import optim, train
 from mistral_fn.errors import CheckpointError
+from tests.native_ranks import on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(native, "save_file", broken)
+    monkeypatch.setattr(native, "write_safetensors", broken)
     with pytest.raises(OSError, match="disk full"):
         native.save_native(tmp_path, 2, fresh())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "latest", "owner.msgpack"]
@@ -139,24 +139,9 @@ def test_corrupted_or_missing_files_are_clear_errors(tmp_path):
 
 def save_ranks(root, step, world=2, extra=None, run_id=None, keep=None):
     """`world` ranks (threads sharing a barrier) save their own tree, as a torchrun job does."""
-    barrier = threading.Barrier(world)
-    errors = []
-
-    def save(rank):
-        try:
-            native.save_native(root, step, {"x": torch.full((3,), float(rank + step))}, extra=extra or {"tp": world},
-                               run_id=run_id, rank=rank, world_size=world, keep=keep, barrier=barrier.wait)
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=save, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    on_ranks(world, lambda rank, barrier: native.save_native(
+        root, step, {"x": torch.full((3,), float(rank + step))}, extra=extra or {"tp": world}, run_id=run_id,
+        rank=rank, world_size=world, keep=keep, barrier=barrier))
     return root / native.iter_name(step)
 
 

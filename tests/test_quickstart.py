@@ -8,10 +8,12 @@ import sys
 
 @pytest.mark.slow
 def test_quickstart_all_stages(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "experiments.quickstart", f"--workdir={tmp_path}",
-                          "--pretrain_iters=4", "--finetune_iters=2"], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "experiments.quickstart", f"--workdir={tmp_path}", "--pretrain_iters=4",
+                          "--finetune_iters=2", "--lora_iters=2"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "all 8 stages succeeded" in run.stdout and "round trip bit-exact: True" in run.stdout
+    assert "all 9 stages succeeded" in run.stdout and "round trip bit-exact: True" in run.stdout
+    assert "LoRA vs full fine-tuning: trainable params" in run.stdout
+    assert (tmp_path / "finetune_lora_peft" / "adapter_config.json").is_file()
     metrics = [json.loads(line) for line in (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [2, 3, 4, 5]  # resumes the converted checkpoint's iteration 1
     for name in ("mmlu_modellink.json", "mmlu_harness.json"):

@@ -17,7 +17,7 @@ import struct
 
 import numpy as np
 
-from mistral_fn.atomic import partial_path, sweep
+from mistral_fn.atomic import naming, partial_path, sweep
 from mistral_fn.errors import InputError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -65,7 +65,8 @@ class IndexedDatasetWriter:
         os.makedirs(os.path.dirname(os.path.abspath(self.bin_path)), exist_ok=True)
         for path in (self.bin_path, self.idx_path):
             sweep(path)
-        self._bin = open(partial_path(self.bin_path), "wb")
+        with naming(self.bin_path):
+            self._bin = open(partial_path(self.bin_path), "wb")
         self.sequence_lengths: list[int] = []
         self.document_indices: list[int] = [0]
         self._limits = np.iinfo(self.dtype) if self.dtype.kind in "iu" else None
@@ -76,7 +77,7 @@ class IndexedDatasetWriter:
         if self._limits is not None and array.size and (array.min() < self._limits.min
                                                         or array.max() > self._limits.max):
             raise InputError(f"{self.bin_path}: values [{array.min()}, {array.max()}] do not fit {self.dtype}")
-        with _naming(self.bin_path):
+        with naming(self.bin_path):
             self._bin.write(array.astype(self.dtype, copy=False).tobytes())
         self.sequence_lengths.append(int(array.size))
 
@@ -90,11 +91,11 @@ class IndexedDatasetWriter:
 
     def finish(self) -> None:
         """Flush the data and write the index, both to disk, still under their partial names."""
-        with _naming(self.bin_path):
+        with naming(self.bin_path):
             self._bin.flush()
             os.fsync(self._bin.fileno())
             self._bin.close()
-        with _naming(self.idx_path), open(partial_path(self.idx_path), "wb") as f:
+        with naming(self.idx_path), open(partial_path(self.idx_path), "wb") as f:
             f.write(encode_index(self.sequence_lengths, self.document_indices, self.dtype))
             f.flush()
             os.fsync(f.fileno())
@@ -124,17 +125,6 @@ class IndexedDatasetWriter:
             self.finalize()
         else:
             self.abort()
-
-
-@contextlib.contextmanager
-def _naming(path: str):
-    """Re-raise an `OSError` without a file name (a failed write, e.g. a full disk) as one naming `path`."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is not None:
-            raise
-        raise OSError(e.errno, e.strerror, path) from None
 
 
 class IndexedDataset:
