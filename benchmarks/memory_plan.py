@@ -85,10 +85,14 @@ def layer_activations(s: Setup) -> int:
 
 
 def layer_backward_workspace(s: Setup) -> int:
-    """Transient bytes while one layer's backward runs: `fused.SwiGLULinear`'s recomputed sigmoid and silu
-    and the gradients of the product and of up (`[F]` each), and the gradients of the layer's input and output."""
+    """Transient bytes while one layer's backward runs (per token; fitted to `--validate`'s cases):
+    `fused.SwiGLULinear`'s recomputed sigmoid, silu and product and the gradients of the product and of up
+    (5 `[F]`), the gradients of the layer's input and output (2 `[D]`); under TP `fused.NormLinear`'s
+    rebuilt (gathered) input, its gradient before and after the reduction and the norm's float32 copies
+    (4 `[D]`); with recomputation the recomputed layer's output and the sub-block outputs its vjp holds (4 `[D]`)."""
     c, e, t = s.config, s.compute_dtype.itemsize, s.tp
-    return s.micro_batch_size * s.seq_length * e * (4 * c.ffn_dim // t + 2 * c.dim)
+    d = 2 + (4 if t > 1 else 0) + (4 if s.recompute else 0)
+    return s.micro_batch_size * s.seq_length * e * (5 * c.ffn_dim // t + d * c.dim)
 
 
 def head_workspace(s: Setup, padded_vocab: int) -> int:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from mistral_fn import device as _device
 from mistral_fn import fused, tracing
+from mistral_fn.parallel import TensorParallel
 
 
 def _fused_npu(x: torch.Tensor) -> bool:
@@ -62,7 +63,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def norm_linear(h: torch.Tensor, weight: torch.Tensor, eps: float, tp, *ws: torch.Tensor) -> list[torch.Tensor]:
+def norm_linear(h: torch.Tensor, weight: torch.Tensor, eps: float, tp: TensorParallel,
+                *ws: torch.Tensor) -> list[torch.Tensor]:
     """`[linear(x, w) for w in ws]` with `x = tp.copy_to(rms_norm(h, weight, eps))`: a pre-norm into
     column-parallel layers. With autograd recording on CPU/GPU `fused.NormLinear` stores `h` and the inverse
     RMS instead of the normalised (under SP, gathered) `x`."""

@@ -110,6 +110,21 @@ def test_first_chunk_without_padding_attends_over_its_own_keys_without_a_mask(wi
 
 
 @pytest.mark.parametrize("window", [None, 4])
+def test_a_non_finite_key_weight_is_not_hidden_by_the_flash_kernel(window):
+    """The causal flash kernel returns 0 where all of a query's scores are NaN; the unmasked prefill (and the
+    uncached forward without autograd) must still give NaN logits, which generation refuses."""
+    config = SMALL.replace(sliding_window=window)
+    params = decisive_params(config)
+    params["layers"][0]["attn"]["wk"][0, 0] = float("nan")
+    prompt = random_prompts([9], config.vocab_size)
+    assert next_token_logits(params, prompt, config).isnan().all()
+    with torch.no_grad():
+        assert mf.forward(params, torch.tensor(prompt), config).isnan().all()
+    with pytest.raises(mf.InputError, match="not finite"):
+        generate(params, prompt, config, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("window", [None, 4])
 def test_compiled_decode_of_one_row_is_one_graph_and_equals_eager(window):
     """Batch 1 (each product is a one-row multiply-reduce under compile): the same tokens and logits within
     1e-5 as eager, from a single compiled graph for every step (`written` is a tensor, not a constant)."""
