@@ -8,12 +8,12 @@ the memory flags, and a check of the prediction against the measured peak of rea
 The model counts what this implementation keeps, not a textbook formula: per decoder layer autograd saves
 (per token, e = compute bytes, t = tp, D dim, H/KV heads of hd, F ffn)
 
-    2 RMSNorms   2 (4 D + e D + 4)            float32 input, normalised output, 1/rms   (/t with SP)
-    attention    e D + e (2 H + 2 KV) hd / t + 4 H / t   input of q/k/v, q, k, v, output, logsumexp
-    MLP          e D + 4 e F / t              input of gate/up, gate, silu(gate), up, product
+    2 RMSNorms   2 (e D + 4)                  input, float32 1/rms (`fused.NormLinear`)   (/t with SP)
+    attention    e (2 H + 2 KV) hd / t + 4 H / t   q, k, v, output, logsumexp
+    MLP          2 e F / t                    gate, up (`fused.SwiGLULinear`)
 
-where the inputs of the column-parallel matmuls are the whole gathered sequence even with SP (Megatron
-re-gathers them in backward instead; we do not). With recomputation a layer keeps only its input, and its
+where the normalised inputs of the column-parallel matmuls (the whole gathered sequence under SP) are
+rebuilt in backward, as Megatron does, rather than stored. With recomputation a layer keeps only its input, and its
 activations exist again while its backward runs. The peak is the largest of: forward end, each layer's
 backward (saved activations of the layers below, the gradients produced so far, that layer's backward
 workspace) and the optimizer update. Parameters, gradient buffers and moments follow `train.make_train_step`
@@ -78,17 +78,21 @@ def layer_activations(s: Setup) -> int:
     c, e, t = s.config, s.compute_dtype.itemsize, s.tp
     b, seq = s.micro_batch_size, s.seq_length
     local_seq = seq // t if s.sequence_parallel else seq
-    norms = 2 * b * local_seq * (4 * c.dim + e * c.dim + 4)
-    attn = b * seq * (e * c.dim + e * (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim // t + 4 * c.n_heads // t)
-    mlp = b * seq * (e * c.dim + 4 * e * c.ffn_dim // t)
+    norms = 2 * b * local_seq * (e * c.dim + 4)
+    attn = b * seq * (e * (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim // t + 4 * c.n_heads // t)
+    mlp = b * seq * 2 * e * c.ffn_dim // t
     return norms + attn + mlp
 
 
 def layer_backward_workspace(s: Setup) -> int:
-    """Transient bytes while one layer's backward runs: the gradients of its MLP intermediates (gate, up,
-    silu product) and of its input and output."""
+    """Transient bytes while one layer's backward runs (per token; fitted to `--validate`'s cases):
+    `fused.SwiGLULinear`'s recomputed sigmoid, silu and product and the gradients of the product and of up
+    (5 `[F]`), the gradients of the layer's input and output (2 `[D]`); under TP `fused.NormLinear`'s
+    rebuilt (gathered) input, its gradient before and after the reduction and the norm's float32 copies
+    (4 `[D]`); with recomputation the recomputed layer's output and the sub-block outputs its vjp holds (4 `[D]`)."""
     c, e, t = s.config, s.compute_dtype.itemsize, s.tp
-    return s.micro_batch_size * s.seq_length * e * (3 * c.ffn_dim // t + 2 * c.dim)
+    d = 2 + (4 if t > 1 else 0) + (4 if s.recompute else 0)
+    return s.micro_batch_size * s.seq_length * e * (5 * c.ffn_dim // t + d * c.dim)
 
 
 def head_workspace(s: Setup, padded_vocab: int) -> int:
@@ -133,7 +137,7 @@ def plan(s: Setup) -> dict[str, int]:
     full, ws = layer_activations(s), layer_backward_workspace(s)
     local_seq = s.seq_length // s.tp if s.sequence_parallel else s.seq_length
     kept = s.micro_batch_size * local_seq * c.dim * e if s.recompute else full
-    final = s.micro_batch_size * local_seq * (4 * c.dim + 2 * e * c.dim + 4)  # final norm and head input
+    final = s.micro_batch_size * local_seq * (2 * e * c.dim + 4)  # final norm and head input
     head = head_workspace(s, sharding.padded_vocab_size(c.vocab_size, s.tp, s.make_vocab_size_divisible_by))
     phases = {"loss": (c.n_layers * kept + final + head, 0 if chunked_head_loss(s) else e * count["output"])}
     for i in reversed(range(c.n_layers)):  # backward of layer i: the layers below keep theirs

@@ -46,6 +46,7 @@ flags.DEFINE_float("adam_eps", 1e-8, "AdamW epsilon")
 flags.DEFINE_float("clip_grad", 1.0, "max global gradient norm (0: no clipping)")
 flags.DEFINE_enum("recompute_granularity", None, ["full"], "recompute every layer in backward")
 flags.DEFINE_integer("loss_chunk_size", 4096, "positions per chunk of the head + loss (0: all at once)")
+flags.DEFINE_bool("compile", False, "torch.compile forward and backward (compiles on the first step)")
 flags.DEFINE_float("initial_loss_scale", 2.0**16, "fp16 initial loss scale")
 flags.DEFINE_integer("max_skipped_steps", 10, "stop after this many non-finite steps in a row")
 flags.DEFINE_string("data_path", None, "indexed dataset prefix (default: synthetic data)")
@@ -75,7 +76,7 @@ def config_from_flags() -> TrainConfig:
         lr_warmup_fraction=F.lr_warmup_fraction, lr_decay_iters=F.lr_decay_iters, weight_decay=F.weight_decay,
         adam_beta1=F.adam_beta1, adam_beta2=F.adam_beta2, adam_eps=F.adam_eps, clip_grad=F.clip_grad,
         precision=megatron_flags.precision(), initial_loss_scale=F.initial_loss_scale,
-        recompute=F.recompute_granularity == "full", loss_chunk_size=F.loss_chunk_size or None,
+        recompute=F.recompute_granularity == "full", loss_chunk_size=F.loss_chunk_size or None, compile=F.compile,
         max_skipped_steps=F.max_skipped_steps, data_path=F.data_path, split=F.split,
         is_instruction_dataset=F.is_instruction_dataset, tokenizer=megatron_flags.tokenizer_source(), load=F.load,
         finetune=F.finetune, no_load_optim=F.no_load_optim, no_load_rng=F.no_load_rng, save=F.save,

@@ -86,6 +86,7 @@ class TrainConfig:
     initial_loss_scale: float = 2.0**16
     recompute: bool = False
     loss_chunk_size: int | None = 4096
+    compile: bool = False  # torch.compile the loss: forward and backward as compiled graphs
     max_skipped_steps: int = 10
     # data
     data_path: str | None = None
@@ -272,7 +273,7 @@ def schedule_and_optimizer(config: TrainConfig):
     sched = optim.warmup_decay(config.lr, decay_iters, config.lr_warmup_fraction * decay_iters, config.min_lr,
                                config.lr_decay_style)
     return sched, optim.adamw(sched, config.adam_beta1, config.adam_beta2, config.adam_eps, config.weight_decay,
-                              mask=optim.decay_mask)
+                              mask=optim.decay_mask, fused=True)
 
 
 def train(config: TrainConfig, mesh: sharding.Mesh, log: "Logger | None" = None) -> dict:
@@ -319,7 +320,7 @@ def train(config: TrainConfig, mesh: sharding.Mesh, log: "Logger | None" = None)
                                        compute_dtype=config.compute_dtype, loss_scale=loss_scale, schedule=sched,
                                        max_skipped=config.max_skipped_steps, donate=True,
                                        distributed_optimizer=config.distributed_optimizer,
-                                       overlap_grad_reduce=config.overlap_grad_reduce)
+                                       overlap_grad_reduce=config.overlap_grad_reduce, compile=config.compile)
 
     local = sharding.shard(full, trained_specs, {"tp": tp_size}, {"tp": tp_rank})
     params = pytree.tree_map(lambda x: x.to(mesh.device), local) if start.params is not None else \

@@ -77,10 +77,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: KeyMask |
     if mask is not None:
         out = _blocked_masked_attention(q, k, v, mask)
     elif window is not None and window < q.shape[2]:
-        out = _sliding_window_attention(q, k, v, window)
+        out = _keep_non_finite(_sliding_window_attention(q, k, v, window), q, k)
     else:
-        out = _sdpa(q, k, v, None, causal=True)
+        out = _keep_non_finite(_sdpa(q, k, v, None, causal=True), q, k)
     return out.transpose(1, 2)
+
+
+def _keep_non_finite(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Without autograd recording (inference): `out` with every row of the batch NaN where q or k holds a NaN
+    or inf (BHSD). The CPU flash kernel returns 0 for queries whose scores are all NaN, which would hide
+    non-finite weights from the logits check of generation and evaluation; adding `0 * sum` in place changes
+    nothing when everything is finite. Under autograd `out` is saved for backward and left as it is."""
+    if torch.is_grad_enabled() and out.requires_grad:
+        return out
+    poison = (q.sum(dim=(1, 2, 3)) + k.sum(dim=(1, 2, 3))) * 0
+    return out.add_(poison.to(out.dtype)[:, None, None, None])
 
 
 def attention_reference(q, k, v, mask: KeyMask | None, window: int | None) -> torch.Tensor:

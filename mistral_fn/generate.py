@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from mistral_fn import sampling
+from mistral_fn import kv_cache, sampling
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import InputError
 from mistral_fn.kv_cache import init_cache
@@ -21,7 +21,7 @@ from mistral_fn.model import hidden_states_with_cache, output_logits
 from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel
 from mistral_fn.params import check_params
 
-DEFAULT_PREFILL_CHUNK = 1024
+DEFAULT_PREFILL_CHUNK = 4096  # a prompt up to this long is one chunk: causal attention over its own keys
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], config: MistralConfig, max_new_tokens: int) -> None:
@@ -63,16 +63,24 @@ def full_vocab_logits(params, h: torch.Tensor, config: MistralConfig, tp: Tensor
     return logits[:, :config.vocab_size]
 
 
+def decode_logits(params, tokens, config: MistralConfig, cache, positions, *, tp: TensorParallel = SINGLE_DEVICE):
+    """`(logits [B, V], cache)` of the last column after running the chunk `tokens` `[B, C]` through the
+    cache: one decode step (C = 1), the function `generate_stream(compile_decode=True)` compiles."""
+    h, cache = hidden_states_with_cache(params, tokens, config, cache, positions, tp=tp)
+    return full_vocab_logits(params, h, config, tp), cache
+
+
 def prefill(params, tokens, config: MistralConfig, cache, positions, *, chunk: int = DEFAULT_PREFILL_CHUNK,
             tp: TensorParallel = SINGLE_DEVICE):
     """`(logits [B, V] of the last column, cache)` after running `tokens` `[B, T]` through the cache in
     chunks of at most `chunk` columns."""
     if chunk < 1:
         raise InputError(f"prefill chunk must be >= 1, got {chunk}")
-    for start in range(0, tokens.shape[1], chunk):
+    for start in range(0, tokens.shape[1] - chunk, chunk):
         cols = slice(start, start + chunk)
-        h, cache = hidden_states_with_cache(params, tokens[:, cols], config, cache, positions[:, cols], tp=tp)
-    return full_vocab_logits(params, h, config, tp), cache
+        _, cache = hidden_states_with_cache(params, tokens[:, cols], config, cache, positions[:, cols], tp=tp)
+    last = slice((tokens.shape[1] - 1) // chunk * chunk, None)
+    return decode_logits(params, tokens[:, last], config, cache, positions[:, last], tp=tp)
 
 
 def next_token_logits(params, prompts: Sequence[Sequence[int]], config: MistralConfig, *,
@@ -89,7 +97,8 @@ def generate_stream(params, prompts: Sequence[Sequence[int]], config: MistralCon
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     repetition_penalty: float = 1.0, seed: int = 0, stop_ids: Sequence[int] | None = None,
                     stop_strings: Sequence[str] = (), tokenizer=None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                    compile_decode: bool = False, tp: TensorParallel = SINGLE_DEVICE) -> Iterator[list[int | None]]:
+                    compile_decode: bool | str = False,
+                    tp: TensorParallel = SINGLE_DEVICE) -> Iterator[list[int | None]]:
     """Yield, once per decoding step, a list with the new token of each prompt, or None for a prompt
     that has finished (at this step or before).
 
@@ -97,8 +106,10 @@ def generate_stream(params, prompts: Sequence[Sequence[int]], config: MistralCon
     yielded), when the text of its new tokens contains one of `stop_strings` (needs `tokenizer`; the
     token completing the string is yielded), or after `max_new_tokens`. `temperature=0` is greedy;
     otherwise tokens are drawn with a generator seeded by `seed` (see `sampling.sample`).
-    `compile_decode` runs the one-token decode step through `torch.compile` (the first call compiles,
-    tens of seconds on a CPU; later steps skip most per-op overhead).
+    `compile_decode` runs the one-token decode step (`decode_logits`: the model, the cache update and the
+    head) as one `torch.compile`d graph with static shapes: compiled once, tens of seconds on a CPU; then
+    no per-op overhead, and on a CPU each weight matrix is read in one fused pass (`kernels.linear`). A string
+    is a `torch.compile` mode, e.g. `"reduce-overhead"` (CUDA graphs on a GPU).
     """
     check_prompts(prompts, config, max_new_tokens)
     check_params(params, config, tp.size)  # before the cache reads the tree
@@ -121,7 +132,10 @@ def generate_stream(params, prompts: Sequence[Sequence[int]], config: MistralCon
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     position = positions[:, -1:]
-    decode = torch.compile(hidden_states_with_cache) if compile_decode else hidden_states_with_cache
+    decode = decode_logits
+    if compile_decode:  # sized for every step below; `written` as a tensor keeps one compiled graph
+        mode = compile_decode if isinstance(compile_decode, str) else None
+        decode, cache = torch.compile(decode_logits, mode=mode), kv_cache.as_decode_cache(cache)
     for step in range(max_new_tokens):
         next_ids = sampling.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                    repetition_penalty=repetition_penalty, seen=seen, generator=generator)
@@ -140,8 +154,7 @@ def generate_stream(params, prompts: Sequence[Sequence[int]], config: MistralCon
         if seen is not None:
             seen.scatter_(1, next_ids[:, None], True)
         position = position + 1
-        h, cache = decode(params, next_ids[:, None], config, cache, position, tp=tp)
-        logits = full_vocab_logits(params, h, config, tp)
+        logits, cache = decode(params, next_ids[:, None], config, cache, position, tp=tp)
 
 
 def generate(params, prompts: Sequence[Sequence[int]], config: MistralConfig, *, max_new_tokens: int,

@@ -4,7 +4,9 @@ Layout, for a batch of B rows, S slots, and the local kv heads of each layer::
 
     k, v      list over layers of [B, S, KV, hd]   (BSND, the attention kernel's layout)
     pos       [B, S] int64   position of the token held in each slot; -1 = empty or left padding
-    written   int            tokens written so far, counted in columns of the (left-padded) batch
+    written   int            tokens written so far, counted in columns of the (left-padded) batch; or a
+                             0-d int64 tensor (`as_decode_cache`), so a compiled decode step does not
+                             specialise on it, with the capacity check left to the caller
 
 Column `t` of the batch is stored in slot `t % S` in every row; each row keeps its own positions in
 `pos` (with left padding, row b's column t is at position `t - pad_b`; padding has negative positions and
@@ -13,7 +15,10 @@ is stored as -1, so it is never attended to). Without a sliding window, S is the
 cache is a ring: each query sees the W most recent positions including itself (HF semantics), so a
 slot may be overwritten as soon as its position leaves the window of every query still to come.
 
-A chunk of C tokens meets the cache in one of two ways (`plan_step`):
+A chunk of C tokens meets the cache in one of three ways (`plan_step`):
+  * own keys (the first chunk of an empty cache, positions `0..C-1` in every row, i.e. no padding): its
+    queries attend over the chunk's own keys by index, causal attention with the kernels' flash and
+    sliding-window paths and no mask at all, as the uncached forward; then it is written;
   * write first (no ring, or C == 1): the chunk is written, then its queries attend over the S slots;
   * attend first (a ring and C > 1): the queries attend over the S old slots concatenated with the C new
     keys, then the chunk's last min(C, S) tokens are written. Scores are `C x (S + C)`, so a long prompt
@@ -71,13 +76,14 @@ class CacheStep:
 
     `index` `[n]`: slots receiving the chunk's last n = min(C, S) tokens; `write_first`: see the module
     docstring; `mask`: which of the K keys attended to (S, or S + C) each of the C queries sees, as
-    positions (`mask.rows(i, j)` is the bool `[B, 1, j - i, K]` block; no `[C, K]` tensor is kept);
+    positions (`mask.rows(i, j)` is the bool `[B, 1, j - i, K]` block; no `[C, K]` tensor is kept), or
+    None when the queries attend over the chunk's own keys by index (see the module docstring);
     `pos`: the cache's `pos` after the write.
     """
 
     index: torch.Tensor
     write_first: bool
-    mask: KeyMask
+    mask: KeyMask | None
     pos: torch.Tensor
 
 
@@ -88,14 +94,16 @@ def plan_step(cache: Cache, positions: torch.Tensor, window: int | None) -> Cach
     if old.shape[0] != batch:
         raise InputError(f"positions have {batch} rows but the kv cache was made for {old.shape[0]}")
     ring = window is not None and slots >= window
-    if not ring and start + chunk > slots:
+    if isinstance(start, int) and not ring and start + chunk > slots:
         raise InputError(f"kv cache of {slots} slots is full: {start} written, {chunk} more requested")
     n = min(chunk, slots)
-    columns = torch.arange(start, start + chunk, device=old.device)
+    columns = start + torch.arange(chunk, device=old.device)
     index = columns[chunk - n:] % slots
     stored = positions.masked_fill(positions < 0, -1)
     pos = old.index_copy(1, index, stored[:, chunk - n:])
     write_first = not ring or chunk == 1
+    if _starts_empty(start, positions):
+        return CacheStep(index, True, None, pos)
     if write_first:
         key_pos, own = pos, columns % slots
     else:
@@ -103,6 +111,14 @@ def plan_step(cache: Cache, positions: torch.Tensor, window: int | None) -> Cach
     # Empty slots and padding (position -1) are never visible, except that every query sees its own
     # key, so padding rows are never fully masked (which would give NaN).
     return CacheStep(index, write_first, KeyMask(positions, key_pos, window, key_pos >= 0, own), pos)
+
+
+def _starts_empty(written, positions: torch.Tensor) -> bool:
+    """Whether a chunk at `positions` `[B, C]` is the first of an empty cache with positions `0..C-1` in every
+    row (read only where the values are concrete: `tracing.values_readable`)."""
+    if not (isinstance(written, int) and written == 0 and tracing.values_readable(positions)):
+        return False
+    return torch.equal(positions, torch.arange(positions.shape[1], device=positions.device).expand_as(positions))
 
 
 def layer_update(cache: Cache, layer: int, step: CacheStep) -> Callable:
@@ -113,11 +129,12 @@ def layer_update(cache: Cache, layer: int, step: CacheStep) -> Callable:
 
     def kv(k, v):
         k_buf, v_buf = cache["k"][layer], cache["v"][layer]
+        attended = (k, v) if step.mask is None else None
         if not step.write_first:  # the old slots with the new keys, read before the write
             attended = torch.cat([k_buf, k], dim=1), torch.cat([v_buf, v], dim=1)
         cache["k"][layer] = _write(k_buf, step.index, k[:, k.shape[1] - n:])
         cache["v"][layer] = _write(v_buf, step.index, v[:, v.shape[1] - n:])
-        return (cache["k"][layer], cache["v"][layer]) if step.write_first else attended
+        return attended or (cache["k"][layer], cache["v"][layer])
 
     return kv
 
@@ -128,6 +145,13 @@ def _write(buf: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torch.Ten
     if tracing.only_reverse_mode():
         return buf.index_copy_(1, index, x)
     return buf.index_copy(1, index, x)
+
+
+def as_decode_cache(cache: Cache) -> Cache:
+    """`cache` with `written` as a 0-d int64 tensor on the cache's device, for a loop of compiled decode
+    steps (a Python int would be a constant of the compiled graph, recompiled at every new value). The caller
+    sizes the cache for the whole loop: a full cache without a window is no longer refused."""
+    return {**cache, "written": torch.tensor(cache["written"], device=cache["pos"].device)}
 
 
 def advance(cache: Cache, step: CacheStep, chunk: int) -> Cache:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import InputError
-from mistral_fn import remat, tracing
+from mistral_fn import kernels, remat, tracing
 from mistral_fn.model import forward, hidden_states, output_logits
 from mistral_fn.parallel import SINGLE_DEVICE, TensorParallel
 from mistral_fn.vocab_parallel import IGNORE_INDEX, vocab_parallel_cross_entropy
@@ -41,6 +41,8 @@ def loss_fn(params, batch: dict, config: MistralConfig, *, tp: TensorParallel = 
     `--recompute-granularity full`). `chunk_size=c` computes the head and cross-entropy over `c`
     positions at a time, recomputed in backward, so float32 logits never exist for more than
     `[B, c, V]` at once. Both change memory, not the math (same value and gradients up to rounding).
+    On one device they also compute the head only at the positions whose mask is set
+    (`loss_positions`: prompt tokens of instruction data need no logits).
     """
     check_batch(batch)
     if not recompute and chunk_size is None:
@@ -50,8 +52,18 @@ def loss_fn(params, batch: dict, config: MistralConfig, *, tp: TensorParallel = 
         return (losses * mask).sum() / mask.sum().clamp_min(1.0)
     h = hidden_states(params, batch["tokens"], config, positions=batch.get("positions"), tp=tp, recompute=recompute)
     mask = batch["loss_mask"].to(torch.promote_types(h.dtype, torch.float32))
-    total = _masked_loss_sum(params["output"], h, batch["labels"], mask, config, tp, chunk_size)
+    total = _masked_loss_sum(params["output"], *loss_positions(h, batch["labels"], mask, tp), config, tp, chunk_size)
     return total / mask.sum().clamp_min(1.0)
+
+
+def loss_positions(h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, tp: TensorParallel = SINGLE_DEVICE):
+    """`(h, labels, mask)` at the positions whose mask is nonzero, as one row `[1, N, ...]` (the head and loss of
+    masked positions add nothing), or unchanged when every position counts, under TP (where the head's
+    input is gathered), and where the mask's values cannot be read (`tracing.values_readable`)."""
+    if tp.size > 1 or not tracing.values_readable(mask) or bool(mask.all()):
+        return h, labels, mask
+    keep = mask.flatten().nonzero()[:, 0]
+    return h.flatten(0, 1)[keep][None], labels.flatten()[keep][None], mask.flatten()[keep][None]
 
 
 def _masked_loss_sum(head, h, labels, mask, config, tp, chunk_size: int | None) -> torch.Tensor:
@@ -93,6 +105,9 @@ def _gathered_chunk(x: torch.Tensor, start: int, length: int, tp: TensorParallel
     return torch.cat([x[:, r * n + start:r * n + min(start + length, n)] for r in range(tp.size)], dim=1)
 
 
+HEAD_GRAD_ROWS = 4096  # vocab rows of the head's gradient formed per matmul (a [4096, D] temporary, not [V, D])
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     """`sum(mask * CE(h @ w.T, labels))` over `chunk`-position slices, with float32 logits for one slice
     at a time. Its gradients (softmax - onehot, times the mask) are contracted with `w` and `h` while the
@@ -111,20 +126,22 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for s in range(0, h.shape[1], chunk):
             hc, lc = h[:, s:s + chunk], labels[:, s:s + chunk]
             mc = (mask[:, s:s + chunk] * (lc != IGNORE_INDEX)).to(mask.dtype)
-            logits = F.linear(hc, w).to(mask.dtype)
+            logits = kernels.linear(hc, w).to(mask.dtype)
             if w.shape[0] > vocab:
                 logits[..., vocab:] = float("-inf")
             target = lc.clamp_min(0)[..., None]
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(-1, target)[..., 0]) * mc).sum()
-            dlogits = logits.sub_(lse[..., None]).exp_()  # softmax, in the logits' buffer
+            # in the logits' buffer (no other [B, c, V] temporary): shift by the max, exponentiate, normalise
+            shifted = logits.sub_(logits.amax(-1, keepdim=True))
+            picked = shifted.gather(-1, target)[..., 0]
+            sums = shifted.exp_().sum(-1)
+            total += ((sums.log() - picked) * mc).sum()  # logsumexp - target logit
+            dlogits = logits.div_(sums[..., None])  # softmax
             dlogits.scatter_add_(-1, target, -torch.ones_like(target, dtype=dlogits.dtype))
             dlogits = dlogits.mul_(mc[..., None]).to(w.dtype)
-            grad_h[:, s:s + chunk] = dlogits @ w
-            if grad_w.dtype == dlogits.dtype:
-                grad_w.addmm_(dlogits.flatten(0, 1).T, hc.flatten(0, 1))
-            else:  # bf16/fp16 compute: per-slice product, accumulated in float32
-                grad_w += (dlogits.flatten(0, 1).T @ hc.flatten(0, 1)).float()
+            grad_h[:, s:s + chunk] = kernels.linear(dlogits, w.T)
+            rows, inputs = dlogits.flatten(0, 1), hc.flatten(0, 1).T
+            for v in range(0, w.shape[0], HEAD_GRAD_ROWS):  # bf16/fp16: accumulated in float32
+                grad_w[v:v + HEAD_GRAD_ROWS] += kernels.linear(rows[:, v:v + HEAD_GRAD_ROWS].T, inputs)
         return total, grad_w, grad_h
 
     @staticmethod

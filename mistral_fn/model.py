@@ -42,39 +42,34 @@ def embed(table: torch.Tensor, tokens: torch.Tensor, tp: TensorParallel = SINGLE
     return tp.reduce_from(out)
 
 
-def qkv(p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
-    """Projected, rotated q `[B, T, h, hd]` and k, v `[B, T, kv, hd]` (local head counts under TP)."""
-    B, T, _ = x.shape
-    q = F.linear(x, p["wq"]).view(B, T, -1, head_dim)
-    k = F.linear(x, p["wk"]).view(B, T, -1, head_dim)
-    v = F.linear(x, p["wv"]).view(B, T, -1, head_dim)
-    return kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin), v
-
-
-def self_attention(p, x, cos, sin, mask, config: MistralConfig, tp: TensorParallel = SINGLE_DEVICE, kv=None):
-    """Attention sub-block on normalised `x` `[B, T, D]`; column-parallel q/k/v, row-parallel wo.
+def self_attention(p, h, norm, cos, sin, mask, config: MistralConfig, tp: TensorParallel = SINGLE_DEVICE, kv=None):
+    """Attention sub-block on the residual stream `h` `[B, T, D]`: RMSNorm with `norm`, column-parallel q/k/v
+    (rotated; local head counts under TP), row-parallel wo.
 
     `kv` (`kv_cache.layer_update`) maps this chunk's keys/values to those attended over (with a cache).
     """
-    x = tp.copy_to(x)
-    q, k, v = qkv(p, x, cos, sin, config.head_dim)
+    q, k, v = kernels.norm_linear(h, norm, config.norm_eps, tp, p["wq"], p["wk"], p["wv"])
+    B, T, hd = q.shape[0], q.shape[1], config.head_dim  # T: the whole sequence under SP
+    q, k = kernels.apply_rope(q.view(B, T, -1, hd), cos, sin), kernels.apply_rope(k.view(B, T, -1, hd), cos, sin)
+    v = v.view(B, T, -1, hd)
     if kv is not None:
         k, v = kv(k, v)
     out = attention.attention(q, k, v, mask, config.sliding_window)
-    return tp.reduce_from(F.linear(out.flatten(2), p["wo"]))
+    return tp.reduce_from(kernels.linear(out.flatten(2), p["wo"]))
 
 
-def mlp(p: dict, x: torch.Tensor, tp: TensorParallel = SINGLE_DEVICE) -> torch.Tensor:
-    """SwiGLU MLP: `w_down(silu(w_gate x) * w_up x)`; column-parallel gate/up, row-parallel down."""
-    x = tp.copy_to(x)
-    return tp.reduce_from(F.linear(kernels.swiglu(F.linear(x, p["w_gate"]), F.linear(x, p["w_up"])), p["w_down"]))
+def mlp(p: dict, h: torch.Tensor, norm: torch.Tensor, config: MistralConfig,
+        tp: TensorParallel = SINGLE_DEVICE) -> torch.Tensor:
+    """SwiGLU MLP on the residual stream `h`: `w_down(silu(w_gate x) * w_up x)`, x = RMSNorm(h) with `norm`;
+    column-parallel gate/up, row-parallel down."""
+    gate, up = kernels.norm_linear(h, norm, config.norm_eps, tp, p["w_gate"], p["w_up"])
+    return tp.reduce_from(kernels.swiglu_linear(gate, up, p["w_down"]))
 
 
 def block(p, h, cos, sin, mask, config: MistralConfig, tp: TensorParallel = SINGLE_DEVICE, kv=None):
     """One pre-norm decoder layer (`kv`: see `self_attention`)."""
-    h = h + self_attention(p["attn"], kernels.rms_norm(h, tp.replicated(p["attn_norm"]), config.norm_eps), cos, sin,
-                           mask, config, tp, kv)
-    return h + mlp(p["mlp"], kernels.rms_norm(h, tp.replicated(p["mlp_norm"]), config.norm_eps), tp)
+    h = h + self_attention(p["attn"], h, tp.replicated(p["attn_norm"]), cos, sin, mask, config, tp, kv)
+    return h + mlp(p["mlp"], h, tp.replicated(p["mlp_norm"]), config, tp)
 
 
 def check_tokens(tokens: torch.Tensor, config: MistralConfig) -> None:
@@ -138,7 +133,7 @@ def output_logits(params, h: torch.Tensor, config: MistralConfig, tp: TensorPara
     padded vocab columns are -inf. Under SP, `h` is this rank's `[B, T/tp, D]` slice; the logits cover the
     slices of all ranks in rank order."""
     head = params["output"]
-    logits = F.linear(tp.copy_to(h), head)
+    logits = kernels.linear(tp.copy_to(h), head)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     start = tp.rank * head.shape[0]
     if start + head.shape[0] > config.vocab_size:

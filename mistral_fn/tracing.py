@@ -33,6 +33,12 @@ def is_batched(x: torch.Tensor) -> bool:
     return is_batchedtensor(x)
 
 
+@torch.compiler.assume_constant_result
+def inside_transform() -> bool:
+    """True when any functorch transform (grad, vjp, vmap, jvp, ...) is active."""
+    return peek_interpreter_stack() is not None
+
+
 @torch.compiler.assume_constant_result  # evaluated when torch.compile traces, like in eager mode
 def only_reverse_mode() -> bool:
     """True unless vmap, forward-mode AD or a nested gradient transform is active."""

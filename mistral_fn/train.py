@@ -131,21 +131,30 @@ def global_grad_norm(grads, tp: TensorParallel = SINGLE_DEVICE, sharded_paths: C
     return sq.sum().sqrt()
 
 
-def update_keeps_params_finite(params, updates, tp: TensorParallel = SINGLE_DEVICE,
-                               dp: DataParallel = SINGLE_DEVICE) -> torch.Tensor:
-    """Whether every element of `params + updates` (summed in each param's dtype, as
-    `optim.apply_updates` does) is finite on every tp rank, and every `dp` rank when the params are
-    partitioned over it (ZeRO-1 blocks): a 0-d bool tensor, one host sync to read.
-
-    Each leaf's sum is a temporary (one leaf-sized buffer at a time) reduced to its largest magnitude
-    (NaN if it holds a NaN); `params` are not modified.
-    """
-    largest = [torch.linalg.vector_norm(p + u.to(p.dtype), float("inf")).float()
-               for p, u in zip(pytree.tree_leaves(params), pytree.tree_leaves(updates), strict=True) if p.numel()]
-    bad = (~torch.isfinite(torch.stack(largest)).all() if largest else torch.tensor(False)).to(torch.float32)
+def all_finite(leaves, tp: TensorParallel = SINGLE_DEVICE, dp: DataParallel = SINGLE_DEVICE) -> torch.Tensor:
+    """Whether every element of `leaves` is finite on every tp rank, and every `dp` rank when they are
+    partitioned over it (ZeRO-1 blocks): a 0-d bool tensor, one host sync to read. Each leaf costs one
+    `aminmax` pass (NaN propagates into both, ±inf into one)."""
+    ends = [torch.stack(torch.aminmax(x)).float() for x in leaves if x.numel()]
+    bad = (~torch.isfinite(torch.cat(ends)).all() if ends else torch.tensor(False)).to(torch.float32)
     for group in (tp, dp):
         bad = group.all_reduce(bad, "max") if group.size > 1 else bad
     return bad == 0
+
+
+def apply_if_finite(params, updates, *, donate: bool, tp: TensorParallel = SINGLE_DEVICE,
+                    dp: DataParallel = SINGLE_DEVICE) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`(params + updates, all_finite(...))` as leaf lists, summed in each param's dtype as
+    `optim.apply_updates` does; `params` are not modified. With `donate` the sums are written into the
+    update buffers (`u + p` is `p + u` bit for bit), so refusing a non-finite result costs no copy."""
+    p = pytree.tree_leaves(params)
+    u = [x.to(y.dtype) for x, y in zip(pytree.tree_leaves(updates), p, strict=True)]
+    if donate:
+        torch._foreach_add_(u, p)
+        new = u
+    else:
+        new = torch._foreach_add(p, u)
+    return new, all_finite(new, tp, dp)
 
 
 def split_micro_batches(batch: dict, micro_batch_size: int) -> list[dict]:
@@ -163,7 +172,7 @@ def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: opt
                     compute_dtype: torch.dtype | None = None, loss_scale: optim.LossScale | None = None,
                     schedule: optim.Schedule | None = None, max_skipped: int = 10, donate: bool = False,
                     distributed_optimizer: bool = False, overlap_grad_reduce: bool = False,
-                    bucket_size: int = zero.BUCKET_SIZE):
+                    bucket_size: int = zero.BUCKET_SIZE, compile: bool = False):
     """A pure `step(state, batch) -> (state, metrics)`.
 
     loss_fn: `(params, micro_batch) -> scalar` (e.g. `partial(mf.loss_fn, config=cfg, tp=tp)`).
@@ -182,6 +191,9 @@ def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: opt
     distributed_optimizer: ZeRO-1 over dp (the state from `init_train_state(distributed_optimizer=True)`).
     overlap_grad_reduce: start each gradient bucket's reduction during the last backward (dp > 1).
     bucket_size: elements per gradient bucket (`zero.BUCKET_SIZE`).
+    compile: run `loss_fn` through `torch.compile`, so forward and backward are each one compiled graph
+    (AOTAutograd; inductor fuses the elementwise ops and picks what to store for backward). The update is
+    already one kernel per leaf group with `optim.adamw(fused=True)`; the checks between them read host values.
 
     metrics: floats `loss`, `grad_norm` (before clipping), `lr` (with `schedule`), `loss_scale`, and
     `skipped` (0/1), `skipped_total`.
@@ -189,6 +201,8 @@ def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: opt
     if micro_batch_size <= 0 or max_skipped <= 0:
         raise InputError(f"micro_batch_size={micro_batch_size} and max_skipped={max_skipped} must be positive")
     reduce_in_buckets = dp.size > 1 or distributed_optimizer
+    if compile:
+        loss_fn = torch.compile(loss_fn)
 
     def scaled_loss(params, micro_batch, scale):
         return loss_fn(params, micro_batch) * scale
@@ -251,11 +265,21 @@ def make_train_step(loss_fn: Callable[[Any, dict], torch.Tensor], optimizer: opt
             masters = state.master
         else:  # float32 params: this rank's blocks are views of them
             masters = pytree.tree_unflatten(zero.blocks(param_leaves, dp.rank, dp.size), treedef)
-        updates, opt_state = optimizer.update(grads, state.opt_state, masters, donate=donate)
+        group = dp if distributed_optimizer else SINGLE_DEVICE
+        if donate and optimizer.update_in_place is not None:
+            opt_state = optimizer.update_in_place(grads, state.opt_state, masters)
+            if not bool(all_finite(pytree.tree_leaves(masters), tp, group)):
+                raise DivergenceError(f"step {int(state.step) + 1}: the fused optimizer made parameters non-finite in "
+                                      "place (it cannot refuse the update as the unfused one does); lower the learning "
+                                      "rate or resume from the last checkpoint")
+        else:
+            updates, opt_state = optimizer.update(grads, state.opt_state, masters, donate=donate)
+            new_leaves, finite = apply_if_finite(masters, updates, donate=donate, tp=tp, dp=group)
+            if not bool(finite):
+                return _skipped(state, consumed, new_scale, metrics, max_skipped,
+                                "updates that make parameters non-finite")
+            masters = pytree.tree_unflatten(new_leaves, treedef)
         del grads
-        if not bool(update_keeps_params_finite(masters, updates, tp, dp if distributed_optimizer else SINGLE_DEVICE)):
-            return _skipped(state, consumed, new_scale, metrics, max_skipped, "updates that make parameters non-finite")
-        masters = optim.apply_updates(masters, updates, donate=donate)
         params, master = masters, ()
         if distributed_optimizer:
             full = zero.gather_blocks(pytree.tree_leaves(masters), [x.shape for x in param_leaves], dp,

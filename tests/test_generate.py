@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils import _pytree as pytree
 
 import checkpoints
 import mistral_fn as mf
 import sharding as sh
 from mistral_fn import kv_cache, sampling
-from mistral_fn.generate import generate, generate_stream, left_pad, next_token_logits, stream_text
+from mistral_fn.generate import decode_logits, generate, generate_stream, left_pad, next_token_logits, stream_text
 from mistral_fn.model import forward_with_cache
 from mistral_fn.tokenizer import load_tokenizer
 from tests.hf_reference import hf_model
@@ -83,6 +84,71 @@ def test_compiled_decode_equals_eager():
     counters.clear()
     assert generate(params, prompts, config, max_new_tokens=8, stop_ids=(), compile_decode=True) == eager
     assert counters["stats"]["unique_graphs"] >= 1
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_first_chunk_without_padding_attends_over_its_own_keys_without_a_mask(window, monkeypatch):
+    """A fresh cache and unpadded rows: causal attention by index (flash / sliding-window blocks), no position
+    mask; the logits equal the uncached forward and the cache continues as with the masked path."""
+    from mistral_fn import attention
+    config = SMALL.replace(sliding_window=window)
+    params = decisive_params(config)
+    tokens = torch.tensor(random_prompts([9, 9], config.vocab_size))
+    masks = []
+    rows = attention.KeyMask.rows
+    monkeypatch.setattr(attention.KeyMask, "rows", lambda self, i, j: masks.append(j - i) or rows(self, i, j))
+    cache = kv_cache.init_cache(params, config, 2, 12)
+    logits, cache = forward_with_cache(params, tokens, config, cache, torch.arange(9).expand(2, 9))
+    assert masks == []
+    torch.testing.assert_close(logits, mf.forward(params, tokens, config), rtol=1e-5, atol=1e-5)
+    masked = kv_cache.init_cache(params, config, 2, 12)
+    _, masked = forward_with_cache(params, tokens[:, :1], config, masked, torch.zeros(2, 1, dtype=torch.long))
+    _, masked = forward_with_cache(params, tokens[:, 1:], config, masked, torch.arange(1, 9).expand(2, 8))
+    assert masks and torch.equal(cache["pos"], masked["pos"])
+    for a, b in zip(cache["k"] + cache["v"], masked["k"] + masked["v"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_a_non_finite_key_weight_is_not_hidden_by_the_flash_kernel(window):
+    """The causal flash kernel returns 0 where all of a query's scores are NaN; the unmasked prefill (and the
+    uncached forward without autograd) must still give NaN logits, which generation refuses."""
+    config = SMALL.replace(sliding_window=window)
+    params = decisive_params(config)
+    params["layers"][0]["attn"]["wk"][0, 0] = float("nan")
+    prompt = random_prompts([9], config.vocab_size)
+    assert next_token_logits(params, prompt, config).isnan().all()
+    with torch.no_grad():
+        assert mf.forward(params, torch.tensor(prompt), config).isnan().all()
+    with pytest.raises(mf.InputError, match="not finite"):
+        generate(params, prompt, config, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_compiled_decode_of_one_row_is_one_graph_and_equals_eager(window):
+    """Batch 1 (each product is a one-row multiply-reduce under compile): the same tokens and logits within
+    1e-5 as eager, from a single compiled graph for every step (`written` is a tensor, not a constant)."""
+    torch._dynamo.reset()
+    config = SMALL.replace(sliding_window=window)
+    params = decisive_params(config)
+    prompt = random_prompts([5], config.vocab_size)
+    tokens, positions = left_pad(prompt, config.eos_id)
+    logits, eager_cache = forward_with_cache(params, tokens, config, kv_cache.init_cache(params, config, 1, 5 + 9),
+                                             positions)
+    cache = kv_cache.as_decode_cache(pytree.tree_map(lambda x: x.clone() if torch.is_tensor(x) else x, eager_cache))
+    compiled = torch.compile(decode_logits, fullgraph=True)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    token, position = logits[:, -1].argmax(-1, keepdim=True), positions[:, -1:]
+    for _ in range(8):
+        position = position + 1
+        want, eager_cache = decode_logits(params, token, config, eager_cache, position)
+        got, cache = compiled(params, token, config, cache, position)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        token = want.argmax(-1, keepdim=True)
+    assert counters["stats"]["unique_graphs"] == 1 and int(cache["written"]) == eager_cache["written"] == 5 + 8
+    assert generate(params, prompt, config, max_new_tokens=8, stop_ids=(), compile_decode=True) == \
+        generate(params, prompt, config, max_new_tokens=8, stop_ids=())
 
 
 def test_ring_buffer_worked_example():

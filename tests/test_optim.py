@@ -79,6 +79,42 @@ def test_adamw_mask_equals_two_param_groups_with_schedule_and_clipping():
     assert (everything["norm"] - ref["norm"]).abs().max() > 1e-5
 
 
+def run_in_place(opt, params, grads):
+    params = pytree.tree_map(torch.clone, params)
+    state = opt.init(params)
+    for g in grads:
+        state = opt.update_in_place(g, state, params)
+    return params, state
+
+
+def test_fused_adamw_in_place_matches_torch_with_mask_and_schedule():
+    """`adamw(fused=True).update_in_place` (torch._fused_adamw_) against torch.optim.AdamW's default
+    implementation, two param groups (norms not decayed) and a per-step learning rate."""
+    params, grads = small_tree(), grad_trees(STEPS)
+    sched = optim.warmup_cosine(1e-2, decay_steps=STEPS, warmup_steps=2, min_lr=1e-3)
+    fused = optim.adamw(sched, b2=0.95, weight_decay=0.1, mask=optim.decay_mask, fused=True)
+    ours, state = run_in_place(fused, params, grads)
+    no_decay = lambda p: p.endswith("norm")  # noqa: E731
+    ref = run_torch(params, grads, [(lambda p: not no_decay(p), {}), (no_decay, {"weight_decay": 0.0})],
+                    lambda g: torch.optim.AdamW(g, lr=0.0, betas=(0.9, 0.95), weight_decay=0.1),
+                    lr_at=lambda s: float(sched(torch.tensor(s))))
+    assert max_rel_diff(ours, ref) < 1e-6 and int(state.count) == STEPS
+    pure = run_ours(fused, params, grads)  # `update` of the fused transformation is the foreach reference
+    assert max_rel_diff(pure, ref) < 1e-6
+    everything, _ = run_in_place(optim.adamw(sched, b2=0.95, weight_decay=0.1, fused=True), params, grads)
+    assert (everything["norm"] - ref["norm"]).abs().max() > 1e-5  # the mask reaches the fused kernel
+    assert optim.adamw(1e-3).update_in_place is None
+
+
+def test_fused_adamw_in_place_on_bf16_params_takes_the_reference_math():
+    params = pytree.tree_map(lambda x: x.bfloat16(), small_tree())
+    grads = [pytree.tree_map(lambda x: x.bfloat16(), g) for g in grad_trees(3)]
+    opt = optim.adamw(1e-2, weight_decay=0.1, fused=True)
+    in_place, _ = run_in_place(opt, params, grads)
+    assert all(torch.equal(a, b) for a, b in zip(pytree.tree_leaves(in_place),
+                                                  pytree.tree_leaves(run_ours(opt, params, grads)), strict=True))
+
+
 def test_adamw_bf16_params_keep_float32_moments():
     params = pytree.tree_map(lambda x: x.bfloat16(), small_tree())
     state = optim.adamw(1e-3).init(params)
