@@ -3,17 +3,19 @@
 
     python -m experiments.quickstart                     # embedded default: tiny random model, committed samples
     python -m experiments.quickstart --hf_dir=Mistral-7B-Instruct-v0.2 --data=alpaca.parquet \
-        --mmlu_dir=mmlu/data --tp=8 --model=mistral-7b-instruct-v0.2
+        --mmlu_dir=mmlu/data --tp=8                    # the model's config comes from --hf_dir
 
 Stages (each prints what it did, where it wrote, and its figures; everything goes under --workdir):
   1 model      a small Mistral-shaped model saved as an HF checkpoint (or --hf_dir)
   2 convert    HF -> Megatron tp×pp1 -> HF, checked bit-exact (experiments.convert_ckpt)
   3 data       the alpaca-style sample -> Megatron indexed datasets, pretraining and instruction (preprocess_data)
   4 pretrain   TP over gloo/hccl/nccl via torchrun from the Megatron checkpoint (experiments.pretrain)
-  5 finetune   instruction fine-tuning from the pretrained checkpoint (--finetune --is_instruction_dataset)
+  5 finetune   instruction fine-tuning from the pretrained checkpoint (--finetune --is_instruction_dataset),
+               long enough to fit the committed instruction sample
   6 finetune_lora  the same fine-tuning with LoRA adapters only (--lora-target-modules ...), its memory and
                speed against full fine-tuning, the adapters exported as a PEFT directory (convert_ckpt --saver peft)
-  7 generate   the `mixtral` chat template, greedy, on the fine-tuned model and with the LoRA adapters
+  7 generate   one of the sample's instructions, asked in the fine-tuning format (`alpaca_training`), greedy,
+               on the fine-tuned model and with the LoRA adapters: the full model answers with the trained response
   8 evaluate   MMLU-format questions, the seed's protocol and lm-eval-harness' (experiments.evaluate)
   9 plot       the loss curves as a PNG (experiments.plot_metrics)
 """
@@ -36,21 +38,24 @@ import mistral_fn as mf
 from experiments import cli
 from experiments.cli import main_guard
 from experiments.plot_metrics import plot_loss, read_metrics
+from mistral_fn.data.sources import find_inputs, iter_rows, parse_row
 from mistral_fn.errors import MistralFnError
 from mistral_fn.tokenizer import default_tokenizer_path
 
 HERE = Path(__file__).resolve().parent
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/quickstart", "everything the quickstart writes goes here")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "a real HF Mistral directory (default: build a small random model)")
-_MODEL = flags.DEFINE_string("model", "tiny", f"preset of the model ({', '.join(sorted(mf.PRESETS))}); "
-                             "with --hf_dir it must describe that checkpoint")
+_MODEL = flags.DEFINE_string("model", "tiny", f"preset of the random default model ({', '.join(sorted(mf.PRESETS))}); "
+                             "with --hf_dir every stage takes the model from its config.json instead")
 _DATA = flags.DEFINE_string("data", str(HERE / "data" / "alpaca_sample.jsonl"),
                             "alpaca-style parquet/jsonl (instruction, input, output, text columns)")
 _MMLU = flags.DEFINE_string("mmlu_dir", str(HERE / "data" / "mmlu"), "MMLU-format directory with test/ and dev/")
 _TP = flags.DEFINE_integer("tp", 2, "tensor-parallel size (processes started by torchrun)")
 _PRETRAIN_ITERS = flags.DEFINE_integer("pretrain_iters", 40, "pretraining steps")
-_FINETUNE_ITERS = flags.DEFINE_integer("finetune_iters", 30, "fine-tuning steps")
-_LORA_ITERS = flags.DEFINE_integer("lora_iters", 15, "LoRA fine-tuning steps")
+_FINETUNE_ITERS = flags.DEFINE_integer("finetune_iters", 60, "fine-tuning steps (enough to fit the committed sample)")
+_FINETUNE_GBS = flags.DEFINE_integer("finetune_batch_size", 36, "fine-tuning sequences per step (the committed "
+                                     "sample has 36: each step is one epoch)")
+_LORA_ITERS = flags.DEFINE_integer("lora_iters", 10, "LoRA fine-tuning steps (a short run, not fitted)")
 _SEQ = flags.DEFINE_integer("seq_length", 128, "training sequence length")
 _GBS = flags.DEFINE_integer("global_batch_size", 8, "sequences per optimizer step")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the random model and of training")
@@ -155,16 +160,21 @@ def main(argv):
         print("  " + next((line for line in out.splitlines() if line.startswith("wrote")), out.strip()))
     print(f"({time.perf_counter() - t:.1f} s)")
 
-    train_flags = [f"--model={_MODEL.value}", f"--tensor_model_parallel_size={p.tp}", f"--seq_length={_SEQ.value}",
-                   "--micro_batch_size=2", f"--global_batch_size={_GBS.value}", f"--tokenizer_model={tokenizer_model}",
-                   f"--seed={_SEED.value}", "--split=100,0,0", "--log_interval=1"]
+    # Every stage loads a checkpoint, so the model's config comes from it (--model only shapes the random default).
+    train_flags = [f"--tensor_model_parallel_size={p.tp}", f"--seq_length={_SEQ.value}", f"--seed={_SEED.value}",
+                   f"--tokenizer_model={tokenizer_model}", "--split=100,0,0", "--log_interval=1"]
+    small_batches = ["--micro_batch_size=2", f"--global_batch_size={_GBS.value}"]
     stats, summaries = {}, {}
     sft = [f"--data_path={prefix}_sft", "--finetune", "--is_instruction_dataset"]
+    sft_batches = ["--lr=1e-2", "--lr_decay_style=constant", "--lr_warmup_fraction=0.05", "--micro_batch_size=4",
+                   f"--global_batch_size={_FINETUNE_GBS.value}"]
     for name, load, iters, extra in (
         ("pretrain", megatron_dir, _PRETRAIN_ITERS.value, [f"--data_path={prefix}_text_document", "--lr=3e-3",
-                                                            "--lr_warmup_fraction=0.1"]),
-        ("finetune", workdir / "pretrain", _FINETUNE_ITERS.value, [*sft, "--lr=1e-3"]),
-        ("finetune_lora", workdir / "pretrain", _LORA_ITERS.value, [*sft, "--lr=1e-2", *LORA_FLAGS]),
+                                                            "--lr_warmup_fraction=0.1", *small_batches]),
+        # full fine-tuning fits the sample: whole-sample batches at a constant learning rate
+        ("finetune", workdir / "pretrain", _FINETUNE_ITERS.value, [*sft, *sft_batches]),
+        # LoRA: the same batches (so memory and speed compare), a short run
+        ("finetune_lora", workdir / "pretrain", _LORA_ITERS.value, [*sft, *sft_batches, *LORA_FLAGS]),
     ):
         t = p.stage(f"{name}: TP={p.tp} over torchrun" + (" (LoRA: adapters only)" if "lora" in name else ""))
         # Pretraining resumes the converted checkpoint's iteration 1, as Megatron does; fine-tuning starts at 0.
@@ -186,12 +196,18 @@ def main(argv):
                    f"--lora_dir={workdir / 'finetune_lora'}", f"--save_dir={peft_dir}")
     print(f"PEFT adapters: {out.strip()}")
 
-    t = p.stage("generate: mixtral template, greedy")
+    t = p.stage("generate: asked in the fine-tuning format (alpaca_training), greedy")
+    trained = trained_response(_DATA.value, _PROMPT.value)
     for name, load in (("generate", [f"--load={workdir / 'finetune'}"]),
                        ("generate_lora", [f"--load={workdir / 'pretrain'}", f"--lora_load={peft_dir}"])):
         out, err = p.run(name, "experiments.generate", *load, f"--tokenizer_model={tokenizer_model}",
-                         "--prompt_type=mixtral", f"--prompt={_PROMPT.value}", "--max_new_tokens=24", distributed=True)
-        print(f"{'LoRA' if 'lora' in name else 'full'}: prompt {_PROMPT.value!r} -> {out[:200]!r}")
+                         "--prompt_type=alpaca_training", f"--prompt={_PROMPT.value}", "--max_new_tokens=24",
+                         distributed=True)
+        print(f"{'LoRA' if 'lora' in name else 'full'}: prompt {_PROMPT.value!r} -> {out.strip()[:200]!r}")
+        if trained is not None and name == "generate":
+            head = trained[:20]
+            print(f"  trained response {trained[:60]!r}...; the answer starts with it: "
+                  f"{'yes' if out.strip().startswith(head.strip()) else 'no'}")
         print("  " + (err.strip().splitlines() or [""])[-1])
 
     t = p.stage("evaluate: MMLU format")
@@ -208,6 +224,15 @@ def main(argv):
     for name, records in stats.items():
         print(f"{plot_loss(records, workdir / f'{name}_loss.png', f'{name} (quickstart)')}")
     print(f"\nquickstart: all {STAGES} stages succeeded in {time.perf_counter() - started:.0f} s; outputs in {workdir}")
+
+
+def trained_response(data: str, instruction: str) -> str | None:
+    """The `output` of the row of `data` whose instruction is `instruction` (no input), if there is one."""
+    for _, raw in iter_rows(find_inputs(data), ("instruction", "input", "output")):
+        row = parse_row(raw)
+        if row.get("instruction") == instruction and not row.get("input"):
+            return row.get("output")
+    return None
 
 
 def clear_outputs(workdir: Path) -> None:
