@@ -21,7 +21,6 @@ the run goes on. The last line is every number as JSON.
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import time
@@ -31,7 +30,7 @@ import torch
 
 import mistral_fn as mf
 from benchmarks import bench_generate, bench_train_step
-from benchmarks.common import best_seconds, describe_machine, matmul_peak_flops, read_bandwidth, sync
+from benchmarks.common import describe_machine, matmul_peak_flops, read_bandwidth, sync
 from mistral_fn.params import tree_bytes
 
 # Dense bf16 tensor-core peak (TFLOP/s) and HBM bandwidth (GB/s) from the vendors' datasheets.

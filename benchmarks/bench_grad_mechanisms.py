@@ -18,7 +18,6 @@ import time
 
 import torch
 import torch.utils.checkpoint as torch_ckpt
-from torch.utils import _pytree as pytree
 
 import mistral_fn as mf
 from benchmarks.common import peak_bytes, reset_peak, run_isolated, sync

@@ -1,6 +1,5 @@
 """transformers' MistralForCausalLM built from our pytree: the numerics reference of the parity tests."""
 
-import torch
 import transformers
 
 from checkpoints.hf import hf_names
