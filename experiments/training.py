@@ -370,7 +370,7 @@ def train(config: TrainConfig, mesh: sharding.Mesh, log: "Logger | None" = None)
     flops_token = model_flops_per_token(model, config.seq_length)
     tokens_step = config.global_batch_size * config.seq_length
     batches = data.batches(int(state.consumed_samples), generator)
-    tick, step, m, speeds = time.perf_counter(), first_step, {}, []
+    tick, step, m, speeds, logged = time.perf_counter(), first_step, {}, [], first_step
     while step < config.train_iters:
         batch = next(batches, None)
         if batch is None:
@@ -380,8 +380,8 @@ def train(config: TrainConfig, mesh: sharding.Mesh, log: "Logger | None" = None)
         step += 1
         if step % config.log_interval == 0 or step == config.train_iters:
             now = time.perf_counter()
-            tps = tokens_step * config.log_interval / (now - tick) if step % config.log_interval == 0 else float("nan")
-            tick = now
+            tps = tokens_step * (step - logged) / (now - tick)  # the steps since the last record
+            tick, logged = now, step
             speeds.append(tps)
             record = {"step": step, **m, "tokens_per_sec": tps,
                       "tflops_per_device": tps * flops_token / mesh.size / 1e12}

@@ -41,6 +41,13 @@ def test_megatron_load_resumes_its_iteration_unless_finetune(tmp_path, mesh):
     assert [r["step"] for r in records(tmp_path / "m") if "loss" in r] == [4, 5]
 
 
+def test_speed_is_recorded_when_the_last_step_is_off_the_log_interval(tmp_path, mesh):
+    summary = train(TrainConfig(**TINY, train_iters=5, log_interval=2, metrics_file=str(tmp_path / "m")), mesh)
+    logged = [r for r in records(tmp_path / "m") if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 4, 5]
+    assert all(r["tokens_per_sec"] > 0 for r in logged) and summary["mean_tokens_per_sec"] > 0
+
+
 def test_native_resume_no_load_optim_and_no_load_rng(tmp_path, mesh):
     train(TrainConfig(**TINY, train_iters=2, save=str(tmp_path / "a")), mesh)
     template = {"train": mf.train.init_train_state(mf.init_params(mf.MistralConfig.tiny()), mf.optim.adamw(1e-3)),
