@@ -58,9 +58,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return _device.torch_npu().npu_rms_norm(x, weight, epsilon=eps)[0]
     if _saves_less(x, weight):
         return fused.RMSNorm.apply(x, weight, eps)[0]
-    h = x.to(torch.promote_types(x.dtype, torch.float32))
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    return fused.rms_norm_forward(x, weight, eps)[0]  # plain ops: every transform follows them
 
 
 def norm_linear(h: torch.Tensor, weight: torch.Tensor, eps: float, tp: TensorParallel,
