@@ -55,16 +55,12 @@ def main(argv):
     test, dev = mmlu.load_mmlu(_DATA.value, _SHOTS.value)
     config, params, tokenizer, mesh = load_for_inference(megatron_flags.inference_args(_DTYPE.value))
     megatron_flags.report_kernels(mesh)
-    try:
+    with mesh:
         results = mmlu.evaluate(
             lambda prompts: next_token_logits(params, prompts, config, tp=mesh.tp), tokenizer, test, dev,
             protocol=_PROTOCOL.value, max_len=config.max_seq_len,
             chat_template=None if _CHAT.value == "none" else _CHAT.value, batch_size=_BATCH.value,
             progress=mesh.rank == 0)
-    except BaseException:
-        mesh.abort()
-        raise
-    mesh.close()
     if mesh.rank != 0:
         return
     results = {"task": "mmlu", "protocol": _PROTOCOL.value, "num_fewshot": _SHOTS.value, **results}

@@ -99,12 +99,8 @@ def main(argv):
     template = get_template(MODELLINK_PROMPT_TYPES.get(_PROMPT_TYPE.value, _PROMPT_TYPE.value))
     config, params, tokenizer, mesh = load_for_inference(megatron_flags.inference_args(_DTYPE.value))
     megatron_flags.report_kernels(mesh)
-    try:
+    with mesh:
         converse(params, config, tokenizer, template, mesh)
-    except BaseException:
-        mesh.abort()
-        raise
-    mesh.close()
 
 
 def converse(params, config, tokenizer, template, mesh) -> None:

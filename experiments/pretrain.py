@@ -97,13 +97,9 @@ def main(argv):
     config = config_from_flags()
     mesh = sharding.Mesh(config.mesh_shape(int(os.environ.get("WORLD_SIZE", "1"))), F.device,
                          sequence_parallel=config.sequence_parallel, timeout=megatron_flags.distributed_timeout())
-    try:
+    with mesh:
         megatron_flags.report_kernels(mesh)
         train(config, mesh)
-    except BaseException:
-        mesh.abort()
-        raise
-    mesh.close()
 
 
 if __name__ == "__main__":

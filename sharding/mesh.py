@@ -34,6 +34,7 @@ class Mesh:
     Megatron's sequence parallelism when `sequence_parallel` (and tp > 1); `dp` is the train step's
     `DataParallel` (`SINGLE_DEVICE` when the dp axis has size 1). `timeout` bounds the rendezvous and every
     collective's wait for a peer (Megatron's `--distributed-timeout-minutes`; None: torch's default).
+    As a context manager (`with mesh:`) it is left when the block ends: `close`d, or `abort`ed after an error.
     """
 
     def __init__(self, shape: Mapping[str, int], device_type: str | None = None, *,
@@ -76,6 +77,16 @@ class Mesh:
         if self._mesh is not None and dist.is_initialized():
             dist.destroy_process_group()
         self._mesh = None
+
+    def __enter__(self) -> "Mesh":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """`close` after the block, `abort` when it raised (any exception, an exit or an interrupt included)."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
     def __repr__(self):
         return f"Mesh({self.shape}, coords={self.coords}, device={self.device})"
