@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from checkpoints.hf import LAYER_NAMES, _write_json
+from checkpoints.lazy import write_safetensors
 from mistral_fn.atomic import atomic_dir
 from mistral_fn.config import MistralConfig
 from mistral_fn.errors import CheckpointError
@@ -64,7 +64,7 @@ def save_peft(out_dir: str | os.PathLike, config: MistralConfig, lora: LoraTree,
                 "base_model_name_or_path": base_model_name_or_path}
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         _write_json(tmp / CONFIG_FILE, settings)
     return out_dir
 

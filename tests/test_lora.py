@@ -3,6 +3,8 @@ adapter files against the real `peft` library, and a train step against torch.op
 
 import json
 import math
+import resource
+import signal
 
 import peft
 import pytest
@@ -347,7 +349,7 @@ def _edit_tensors(directory, change):
     save_file(change(load_file(path)), path)
 
 
-def test_save_peft_is_atomic(tmp_path, monkeypatch):
+def test_save_peft_is_atomic(tmp_path):
     tree = lora.init(mf.init_params(CFG, seed=0), CFG, rank=2, alpha=4, targets=["dense"], seed=0)
     checkpoints.save_peft(tmp_path / "adapter", CFG, tree)
     with pytest.raises(CheckpointError, match="already exists"):
@@ -356,12 +358,15 @@ def test_save_peft_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"layers.0.self_attn.o_proj.lora_A.weight would have shape \[2, 32\]"):
         checkpoints.save_peft(tmp_path / "shard", CFG, shard)
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(checkpoints.peft, "save_file", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        checkpoints.save_peft(tmp_path / "adapter", CFG, _trained(tree), overwrite=True)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails like a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, limit[1]))
+    try:
+        with pytest.raises(OSError, match=r"\[Errno 27\] File too large: '.*/adapter/adapter_model.safetensors'"):
+            checkpoints.save_peft(tmp_path / "adapter", CFG, _trained(tree), overwrite=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no partial directory left
     assert _max_diff(checkpoints.load_peft(tmp_path / "adapter", CFG), tree) == 0  # the old one is intact
 
