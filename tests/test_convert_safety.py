@@ -20,6 +20,7 @@ from checkpoints.convert import convert
 from checkpoints.megatron import SAVE_ID
 from checkpoints.megatron_pickle import load_pt, save_pt
 from mistral_fn.errors import CheckpointError
+from tests.snapshots import contents
 
 CONFIG = mf.MistralConfig(vocab_size=125, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
                           rope_theta=1e6, sliding_window=None, max_seq_len=256)
@@ -27,10 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 COMPANIONS = {"tokenizer.model": b"sp-bytes", "tokenizer_config.json": b'{"chat_template": "x"}',
               "generation_config.json": b'{"do_sample": true}', "chat_template.jinja": b"{{ messages }}",
               "README.md": b"# model card"}
-
-
-def snapshot(root):
-    return {p.relative_to(root): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
@@ -52,7 +49,7 @@ def _rank(ckpt, t):
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_an_output_that_overlaps_an_input_is_refused(hf_dir, tmp_path, overwrite):
     convert("hf", "megatron", hf_dir, tmp_path / "mg", tp=2)
-    inputs = {"hf": snapshot(hf_dir), "mg": snapshot(tmp_path / "mg")}
+    inputs = {"hf": contents(hf_dir), "mg": contents(tmp_path / "mg")}
     cases = [("hf", "megatron", hf_dir, hf_dir, "is"), ("hf", "hf", hf_dir, hf_dir, "is"),
              ("hf", "megatron", hf_dir, hf_dir / "sub", "lies inside"),
              ("hf", "megatron", hf_dir, tmp_path, "contains"),
@@ -62,21 +59,21 @@ def test_an_output_that_overlaps_an_input_is_refused(hf_dir, tmp_path, overwrite
         with pytest.raises(CheckpointError, match=f"the output {relation} the input {src}; writing it would delete"):
             convert(loader, saver, src, out, overwrite=overwrite)
     convert("hf", "hf", hf_dir, tmp_path / "copy")
-    copied = snapshot(tmp_path / "copy")
+    copied = contents(tmp_path / "copy")
     with pytest.raises(CheckpointError, match="the output contains the input .*copy/tokenizer.model"):
         convert("hf", "hf", hf_dir, tmp_path / "copy", tokenizer=tmp_path / "copy" / "tokenizer.model",
                 overwrite=overwrite)
-    assert {"hf": snapshot(hf_dir), "mg": snapshot(tmp_path / "mg"), "copy": snapshot(tmp_path / "copy")} == {
+    assert {"hf": contents(hf_dir), "mg": contents(tmp_path / "mg"), "copy": contents(tmp_path / "copy")} == {
         **inputs, "copy": copied}
     assert not [p for p in tmp_path.rglob(".*partial")]
 
 
 def test_mg2hg_inside_the_original_hf_directory_stays_allowed(hf_dir, tmp_path):
     convert("hf", "megatron", hf_dir, tmp_path / "mg", tp=2, dtype=torch.float16)
-    before = snapshot(hf_dir)
+    before = contents(hf_dir)
     convert("megatron", "hf", tmp_path / "mg", hf_dir)
     out = hf_dir / "mg2hg"
-    assert {p: d for p, d in snapshot(hf_dir).items() if p.parts[0] != "mg2hg"} == before
+    assert {p: d for p, d in contents(hf_dir).items() if p.split("/")[0] != "mg2hg"} == before
     # ModelLink's save_huggingface_llama: the original directory supplies config, dtype and companions
     config, params = checkpoints.load_hf(out)
     assert config == CONFIG and params["embed"].dtype == torch.bfloat16
@@ -84,7 +81,7 @@ def test_mg2hg_inside_the_original_hf_directory_stays_allowed(hf_dir, tmp_path):
     with pytest.raises(CheckpointError, match="mg2hg: already exists"):
         convert("megatron", "hf", tmp_path / "mg", hf_dir)
     convert("megatron", "hf", tmp_path / "mg", hf_dir, overwrite=True)
-    assert {p: d for p, d in snapshot(hf_dir).items() if p.parts[0] != "mg2hg"} == before
+    assert {p: d for p, d in contents(hf_dir).items() if p.split("/")[0] != "mg2hg"} == before
 
 
 def test_hf_dtype_conversion_keeps_every_non_weight_file(hf_dir, tmp_path):

@@ -11,21 +11,17 @@ import mistral_fn as mf
 from checkpoints import native
 from checkpoints.megatron import save_megatron
 from mistral_fn.errors import CheckpointError
+from tests.snapshots import contents
 
 CONFIG = mf.MistralConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=32)
 
 
-def snapshot(root):
-    """{relative path: bytes} of every file under `root`: what must stay byte-identical."""
-    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def refused(save, match, **kwargs):
-    before = snapshot(save) if save.exists() else None
+    before = contents(save) if save.exists() else None
     with pytest.raises(CheckpointError, match=match) as info:
         checkpoints.claim_save_dir(save, **kwargs)
     assert "\n" not in str(info.value)
-    assert (snapshot(save) if save.exists() else None) == before
+    assert (contents(save) if save.exists() else None) == before
 
 
 def test_new_or_empty_directories_are_claimed(tmp_path):
