@@ -133,7 +133,7 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, 
     each param's dtype; `params` is required when `weight_decay != 0`.
 
     `fused`: also provide `update_in_place`, `torch._fused_adamw_` (torch.optim.AdamW's `fused=True`
-    kernel) on float32 CPU/CUDA leaves; other leaves take `update` and an in-place add.
+    kernel) when every leaf is float32 on a CPU or CUDA device; otherwise `update` and an in-place add.
     """
     for name, value, lo, hi in (("b1", b1, 0.0, 1.0), ("b2", b2, 0.0, 1.0)):
         if not lo <= value < hi:
@@ -184,9 +184,8 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, 
     def update_in_place(grads, state, params):
         g, treedef = _flat(grads)
         p, mu, nu = _flat(params)[0], _flat(state.mu)[0], _flat(state.nu)[0]
-        fusable = [i for i, (x, y) in enumerate(zip(p, g, strict=True))
-                   if x.dtype == y.dtype == torch.float32 and x.device.type in ("cpu", "cuda")]
-        if len(fusable) < len(p):  # the reference math, applied in place
+        if not all(x.dtype == y.dtype == torch.float32 and x.device.type in ("cpu", "cuda")
+                   for x, y in zip(p, g, strict=True)):  # the reference math, applied in place
             updates, new_state = update(grads, state, params, donate=True)
             torch._foreach_add_(p, _flat(updates)[0])
             return new_state
